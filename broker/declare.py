@@ -1,0 +1,58 @@
+"""Declare the federation's exchanges, queues and bindings over AMQP, from ``broker.topology``.
+
+Declaring is idempotent in AMQP: an exchange or queue that exists with the same arguments is left as it is,
+and a binding is a set member. So the coordinator and ``fedmq broker declare`` can both call this on every
+start. A queue that exists with *other* arguments is refused by the broker (406 PRECONDITION_FAILED); that
+becomes a ``DeclarationError`` naming the queue. Sites never call this: they may not declare anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+
+from broker import topology
+from broker.errors import BrokerNotReachable, DeclarationError
+from broker.provisioning import redact_url
+
+
+def declare_site(channel: BlockingChannel, site_id: str) -> None:
+    """One site's inbox (newest global model only) and control queue, bound to their exchanges."""
+    for queue in topology.site_queues(site_id):
+        channel.queue_declare(queue=queue.name, durable=queue.durable, arguments=queue.arguments)
+    for binding in topology.site_bindings(site_id):
+        channel.queue_bind(queue=binding.queue, exchange=binding.exchange, routing_key=binding.routing_key)
+
+
+def declare_topology(channel: BlockingChannel, site_ids: Iterable[str] = ()) -> None:
+    """Exchanges, the shared queues and their bindings, then each given site's queues."""
+    for exchange in topology.EXCHANGES:
+        channel.exchange_declare(exchange=exchange.name, exchange_type=exchange.type, durable=exchange.durable)
+    for queue in topology.SHARED_QUEUES:
+        channel.queue_declare(queue=queue.name, durable=queue.durable, arguments=queue.arguments)
+    for binding in topology.SHARED_BINDINGS:
+        channel.queue_bind(queue=binding.queue, exchange=binding.exchange, routing_key=binding.routing_key)
+    for site_id in site_ids:
+        declare_site(channel, site_id)
+
+
+def declare_topology_at(url: str, site_ids: Iterable[str] = ()) -> None:
+    """Connect to ``url`` (a user allowed to configure ``fedmq.*``), declare everything, disconnect."""
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+    except pika.exceptions.AMQPConnectionError as exc:
+        raise BrokerNotReachable(f"cannot connect to {redact_url(url)} to declare the topology: {exc!r}") from exc
+    try:
+        declare_topology(connection.channel(), site_ids)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        raise DeclarationError(
+            f"the broker refused to declare the topology ({exc.reply_code} {exc.reply_text})"
+        ) from exc
+    except pika.exceptions.AMQPConnectionError as exc:
+        raise BrokerNotReachable(f"lost the connection to {redact_url(url)} while declaring: {exc!r}") from exc
+    finally:
+        if connection.is_open:
+            connection.close()

@@ -1,0 +1,143 @@
+"""An in-process broker and ``Transport`` for unit tests of the federation logic (no RabbitMQ needed).
+
+It keeps the rules the logic relies on: topic routing with ``*`` and ``#``, the topology's bindings, an inbox
+that keeps only the newest message, user_id checked against the login, unroutable publishes refused, and
+unacked deliveries returned to their queue when a transport closes. It does not model permissions: those are
+RabbitMQ's job and are tested against the real broker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker import topology
+from broker.transport import Delivery, Handler, PublishRefused, Transport, TransportClosed
+
+
+def topic_matches(pattern: str, key: str) -> bool:
+    regex = "^" + re.escape(pattern).replace(r"\*", r"[^.]+").replace(r"\#", r".*") + "$"
+    return re.match(regex, key) is not None
+
+
+@dataclass
+class _Queue:
+    name: str
+    max_length: int | None = None
+    messages: deque[Delivery] = field(default_factory=deque)
+
+
+class MemoryBroker:
+    def __init__(self) -> None:
+        self.queues: dict[str, _Queue] = {}
+        self.bindings: list[topology.BindingSpec] = []
+        self._tags = itertools.count(1)
+
+    def declare(self, site_ids: Iterable[str] = ()) -> None:
+        for spec in topology.SHARED_QUEUES:
+            self.queues.setdefault(spec.name, _Queue(spec.name))
+        self.bindings.extend(topology.SHARED_BINDINGS)
+        for site_id in site_ids:
+            for spec in topology.site_queues(site_id):
+                self.queues.setdefault(spec.name, _Queue(spec.name, spec.arguments.get("x-max-length")))
+            self.bindings.extend(topology.site_bindings(site_id))
+
+    def route(self, exchange: str, routing_key: str, delivery: Delivery) -> int:
+        targets = {b.queue for b in self.bindings if b.exchange == exchange and topic_matches(b.routing_key, routing_key)}
+        for name in targets:
+            queue = self.queues[name]
+            queue.messages.append(delivery)
+            if queue.max_length is not None:
+                while len(queue.messages) > queue.max_length:
+                    queue.messages.popleft()
+        return len(targets)
+
+    def next_tag(self) -> int:
+        return next(self._tags)
+
+    def connect(self, login: str) -> MemoryTransport:
+        return MemoryTransport(self, login)
+
+
+class MemoryTransport(Transport):
+    def __init__(self, broker: MemoryBroker, login: str) -> None:
+        self.broker = broker
+        self.login = login
+        self.consumers: list[tuple[str, Handler, int]] = []
+        self.unacked: dict[int, tuple[str, Delivery]] = {}
+        self.published: list[tuple[str, str, bytes, Mapping[str, Any]]] = []
+        self.closed = False
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        user_id: str | None = None,
+        message_id: str | None = None,
+    ) -> None:
+        if self.closed:
+            raise TransportClosed("transport is closed")
+        if user_id is not None and user_id != self.login:
+            raise PublishRefused(f"user_id {user_id!r} is not the login {self.login!r}", 406)
+        delivery = Delivery(
+            body=bytes(body),
+            routing_key=routing_key,
+            delivery_tag=0,
+            user_id=user_id,
+            message_id=message_id,
+            headers=dict(headers or {}),
+            exchange=exchange,
+        )
+        self.published.append((exchange, routing_key, bytes(body), dict(headers or {})))
+        if self.broker.route(exchange, routing_key, delivery) == 0:
+            raise PublishRefused(f"message to {exchange}/{routing_key} routed to no queue", 312)
+
+    def consume(self, queue: str, handler: Handler, *, prefetch: int = 1) -> None:
+        if queue not in self.broker.queues:
+            raise PublishRefused(f"no queue {queue!r}", 404)
+        self.consumers.append((queue, handler, prefetch))
+
+    def ack(self, delivery: Delivery) -> None:
+        self.unacked.pop(delivery.delivery_tag, None)
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Deliver everything deliverable now (respecting prefetch); never sleeps."""
+        if self.closed:
+            raise TransportClosed("transport is closed")
+        progress = True
+        while progress:
+            progress = False
+            for queue_name, handler, prefetch in self.consumers:
+                in_flight = sum(1 for name, _ in self.unacked.values() if name == queue_name)
+                messages = self.broker.queues[queue_name].messages
+                if messages and in_flight < prefetch:
+                    original = messages.popleft()
+                    tag = self.broker.next_tag()
+                    delivery = Delivery(
+                        body=original.body,
+                        routing_key=original.routing_key,
+                        delivery_tag=tag,
+                        user_id=original.user_id,
+                        message_id=original.message_id,
+                        headers=original.headers,
+                        redelivered=original.redelivered,
+                        exchange=original.exchange,
+                    )
+                    self.unacked[tag] = (queue_name, delivery)
+                    handler(delivery)
+                    progress = True
+
+    def close(self) -> None:
+        """Like a dropped connection: unacked deliveries go back to the head of their queues."""
+        for queue_name, delivery in reversed(list(self.unacked.values())):
+            returned = Delivery(**{**delivery.__dict__, "redelivered": True})
+            self.broker.queues[queue_name].messages.appendleft(returned)
+        self.unacked.clear()
+        self.closed = True

@@ -1,0 +1,572 @@
+"""A private RabbitMQ node for development, the demo and the tests, run from the installed rabbitmq-server.
+
+Everything the node writes lives under ``<state dir>/broker/``::
+
+    broker/
+      admin.toml          how to reach and administer the broker (generated admin password; mode 0600)
+      rabbitmq.conf       generated on every start: listeners, ports, plugins' settings, the default user
+      enabled_plugins     management, prometheus, auth_mechanism_ssl
+      rabbitmq-env.conf   empty, so /etc/rabbitmq/rabbitmq-env.conf cannot change this node
+      .erlang.cookie      the node's own Erlang cookie (HOME points here for the node and for rabbitmqctl)
+      rabbitmq.pid        the node's OS process id while it runs
+      mnesia/  log/       data and logs
+
+The node has its own name (``fedmq-<hash of the state dir>@localhost``) and ports, listens on 127.0.0.1 unless
+told otherwise, and runs detached so it outlives the ``fedmq broker up`` that started it. Its only user is
+the generated administrator (``default_user``), so the ``guest`` user never exists.
+
+``admin.toml`` is also how fedmq talks to a broker it did not start (Docker, a managed RabbitMQ): write its
+top-level keys and ``[admin]`` by hand, leave out ``[node]``, and ``fedmq broker add-site`` etc. work as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pika
+import pika.exceptions
+
+from broker import topology
+from broker.errors import (
+    BrokerError,
+    BrokerNotConfigured,
+    BrokerNotInstalled,
+    BrokerNotReachable,
+    BrokerStartError,
+)
+from broker.management import ManagementClient
+from broker.provisioning import amqp_url, read_toml, toml_string, write_private_file
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_AMQP_PORT = 5682
+DEFAULT_DIST_PORT = 25682
+DEFAULT_MANAGEMENT_PORT = 15682
+DEFAULT_PROMETHEUS_PORT = 15702
+LOOPBACK = "127.0.0.1"
+WILDCARD_ADDRESSES = frozenset({"0.0.0.0", "::"})
+ADMIN_USER = "fedmq-admin"
+ENABLED_PLUGINS = ("rabbitmq_management", "rabbitmq_prometheus", "rabbitmq_auth_mechanism_ssl")
+# The Debian/Ubuntu package puts the real scripts here; /usr/sbin holds wrappers that `su` to the rabbitmq
+# user, which could not write to our state dir.
+DEBIAN_SCRIPTS_DIR = Path("/usr/lib/rabbitmq/bin")
+DEFAULT_START_TIMEOUT = 90.0
+DEFAULT_STOP_TIMEOUT = 60.0
+
+INSTALL_HINT = (
+    "install it with `sudo apt-get install rabbitmq-server` (Debian/Ubuntu; fedmq starts its own private "
+    "node, so the system service may stay disabled), or run the official Docker image "
+    "`docker run -d -p 5672:5672 -p 15672:15672 rabbitmq:3.10-management` and describe it in "
+    "<state dir>/broker/admin.toml"
+)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What makes one local node: ports, address, name. Saved in admin.toml so later commands need no flags."""
+
+    amqp_port: int = DEFAULT_AMQP_PORT
+    dist_port: int = DEFAULT_DIST_PORT
+    management_port: int = DEFAULT_MANAGEMENT_PORT
+    prometheus_port: int = DEFAULT_PROMETHEUS_PORT
+    node_name: str | None = None
+    bind: str = LOOPBACK
+    # The host name written into URLs handed to sites (a real deployment's public name); default: bind.
+    public_host: str | None = None
+    # How often the broker refreshes queue/connection statistics for the management API and Prometheus.
+    statistics_interval_ms: int = 5000
+
+
+@dataclass(frozen=True)
+class BrokerAccess:
+    """How to reach and administer a broker: the AMQP endpoint, the HTTP APIs and the administrator."""
+
+    amqp_host: str
+    amqp_port: int
+    management_url: str
+    prometheus_url: str
+    admin_user: str
+    admin_password: str
+
+    def admin_url(self, vhost: str = topology.VHOST) -> str:
+        return amqp_url(self.admin_user, self.admin_password, self.amqp_host, self.amqp_port, vhost)
+
+    def management(self, *, timeout: float = 10.0) -> ManagementClient:
+        return ManagementClient(self.management_url, self.admin_user, self.admin_password, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    running: bool
+    node_name: str
+    pid: int | None
+    access: BrokerAccess
+    rabbitmq_version: str | None = None
+
+
+def admin_file_path(state_dir: Path) -> Path:
+    return state_dir / "broker" / "admin.toml"
+
+
+def default_node_name(state_dir: Path) -> str:
+    """Unique per state dir, stable across restarts (the data directory is named after it)."""
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+    return f"fedmq-{digest}@localhost"
+
+
+def load_access(state_dir: Path) -> BrokerAccess:
+    """Read ``<state dir>/broker/admin.toml``; say how to create it when it is missing."""
+    path = admin_file_path(state_dir)
+    if not path.exists():
+        raise BrokerNotConfigured(
+            f"no broker set up under {state_dir}: run `fedmq broker up` "
+            f"(or describe an existing broker in {path})"
+        )
+    raw = read_toml(path)
+    admin = raw.get("admin", {})
+    try:
+        return BrokerAccess(
+            amqp_host=str(raw["amqp_host"]),
+            amqp_port=int(raw["amqp_port"]),
+            management_url=str(raw["management_url"]),
+            prometheus_url=str(raw.get("prometheus_url", "")),
+            admin_user=str(admin["user"]),
+            admin_password=str(admin["password"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BrokerNotConfigured(f"{path} lacks or garbles {exc}: rewrite it or run `fedmq broker up`") from exc
+
+
+def saved_node_settings(state_dir: Path) -> NodeSettings | None:
+    """The settings ``fedmq broker up`` last used under this state dir, or None if it never ran there."""
+    path = admin_file_path(state_dir)
+    if not path.exists():
+        return None
+    raw = read_toml(path)
+    node = raw.get("node")
+    if not isinstance(node, dict):
+        return None
+    defaults = NodeSettings()
+    try:
+        return NodeSettings(
+            amqp_port=int(raw.get("amqp_port", defaults.amqp_port)),
+            dist_port=int(node.get("dist_port", defaults.dist_port)),
+            management_port=int(node.get("management_port", defaults.management_port)),
+            prometheus_port=int(node.get("prometheus_port", defaults.prometheus_port)),
+            node_name=str(node["name"]) if node.get("name") else None,
+            bind=str(node.get("bind", defaults.bind)),
+            public_host=str(node["public_host"]) if node.get("public_host") else None,
+            statistics_interval_ms=int(node.get("statistics_interval_ms", defaults.statistics_interval_ms)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise BrokerNotConfigured(f"{path} has a malformed [node] table: {exc}") from exc
+
+
+def find_rabbitmq_scripts(explicit_dir: Path | None = None) -> Path:
+    """The directory holding the real ``rabbitmq-server`` and ``rabbitmqctl`` scripts."""
+    if explicit_dir is not None:
+        candidates = [explicit_dir]
+    else:
+        candidates = [DEBIAN_SCRIPTS_DIR]
+        on_path = shutil.which("rabbitmq-server")
+        if on_path:
+            candidates.append(Path(on_path).resolve().parent)
+    for directory in candidates:
+        if all(os.access(directory / script, os.X_OK) for script in ("rabbitmq-server", "rabbitmqctl")):
+            return directory
+    where = f"in {explicit_dir}" if explicit_dir is not None else "on this machine"
+    raise BrokerNotInstalled(f"RabbitMQ (rabbitmq-server) is not installed {where}: {INSTALL_HINT}")
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+class LocalNode:
+    """Start, stop and inspect one private RabbitMQ node living under ``<state dir>/broker``."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        amqp_port: int = DEFAULT_AMQP_PORT,
+        dist_port: int = DEFAULT_DIST_PORT,
+        management_port: int = DEFAULT_MANAGEMENT_PORT,
+        prometheus_port: int = DEFAULT_PROMETHEUS_PORT,
+        node_name: str | None = None,
+        bind: str = LOOPBACK,
+        public_host: str | None = None,
+        statistics_interval_ms: int = 5000,
+        rabbitmq_scripts_dir: Path | None = None,
+    ) -> None:
+        self.state_dir = state_dir.resolve()
+        self.settings = NodeSettings(
+            amqp_port=amqp_port,
+            dist_port=dist_port,
+            management_port=management_port,
+            prometheus_port=prometheus_port,
+            node_name=node_name,
+            bind=bind,
+            public_host=public_host,
+            statistics_interval_ms=statistics_interval_ms,
+        )
+        self.node_name = node_name or default_node_name(self.state_dir)
+        self.rabbitmq_scripts_dir = rabbitmq_scripts_dir
+        self.broker_dir = self.state_dir / "broker"
+        self.admin_file = self.broker_dir / "admin.toml"
+        self.config_file = self.broker_dir / "rabbitmq.conf"
+        self.enabled_plugins_file = self.broker_dir / "enabled_plugins"
+        self.env_file = self.broker_dir / "rabbitmq-env.conf"
+        self.cookie_file = self.broker_dir / ".erlang.cookie"
+        self.pid_file = self.broker_dir / "rabbitmq.pid"
+        self.mnesia_dir = self.broker_dir / "mnesia"
+        self.log_dir = self.broker_dir / "log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self.access = self._make_access()
+
+    @classmethod
+    def from_state_dir(cls, state_dir: Path, *, rabbitmq_scripts_dir: Path | None = None) -> LocalNode:
+        """The node ``fedmq broker up`` set up under this state dir, with the settings it used."""
+        settings = saved_node_settings(state_dir)
+        if settings is None:
+            raise BrokerNotConfigured(f"no local broker node set up under {state_dir}: run `fedmq broker up`")
+        return cls.from_settings(state_dir, settings, rabbitmq_scripts_dir=rabbitmq_scripts_dir)
+
+    @classmethod
+    def from_settings(
+        cls, state_dir: Path, settings: NodeSettings, *, rabbitmq_scripts_dir: Path | None = None
+    ) -> LocalNode:
+        return cls(state_dir, rabbitmq_scripts_dir=rabbitmq_scripts_dir, **dataclasses.asdict(settings))
+
+    # files
+
+    def _make_access(self) -> BrokerAccess:
+        """Keep the admin password of an existing node: the broker only takes default_pass on first boot."""
+        password: str | None = None
+        if self.admin_file.exists():
+            # An unreadable file falls through to a new password; the login check at start then explains.
+            with contextlib.suppress(BrokerError):
+                password = load_access(self.state_dir).admin_password
+        settings = self.settings
+        host = settings.public_host or ("localhost" if settings.bind in WILDCARD_ADDRESSES else settings.bind)
+        url_host = f"[{host}]" if ":" in host else host
+        return BrokerAccess(
+            amqp_host=host,
+            amqp_port=settings.amqp_port,
+            management_url=f"http://{url_host}:{settings.management_port}",
+            prometheus_url=f"http://{url_host}:{settings.prometheus_port}/metrics",
+            admin_user=ADMIN_USER,
+            admin_password=password or secrets.token_hex(24),
+        )
+
+    def _write_admin_file(self) -> None:
+        access, settings = self.access, self.settings
+        lines = [
+            "# How fedmq reaches and administers its RabbitMQ broker; written by `fedmq broker up`.",
+            "# It holds the administrator's password: keep it private (mode 0600).",
+            f"amqp_host = {toml_string(access.amqp_host)}",
+            f"amqp_port = {access.amqp_port}",
+            f"management_url = {toml_string(access.management_url)}",
+            f"prometheus_url = {toml_string(access.prometheus_url)}",
+            "",
+            "[admin]",
+            f"user = {toml_string(access.admin_user)}",
+            f"password = {toml_string(access.admin_password)}",
+            "",
+            "[node]",
+            f"name = {toml_string(self.node_name)}",
+            f"bind = {toml_string(settings.bind)}",
+            f"dist_port = {settings.dist_port}",
+            f"management_port = {settings.management_port}",
+            f"prometheus_port = {settings.prometheus_port}",
+            f"statistics_interval_ms = {settings.statistics_interval_ms}",
+        ]
+        if settings.public_host:
+            lines.append(f"public_host = {toml_string(settings.public_host)}")
+        write_private_file(self.admin_file, "\n".join(lines) + "\n")
+
+    def _rabbitmq_conf(self) -> str:
+        settings, access = self.settings, self.access
+        bind = f"[{settings.bind}]" if ":" in settings.bind else settings.bind
+        return "\n".join(
+            [
+                "# Generated by fedmq on every `fedmq broker up`; edits are overwritten.",
+                f"listeners.tcp.1 = {bind}:{settings.amqp_port}",
+                f"management.tcp.ip = {settings.bind}",
+                f"management.tcp.port = {settings.management_port}",
+                f"prometheus.tcp.ip = {settings.bind}",
+                f"prometheus.tcp.port = {settings.prometheus_port}",
+                "prometheus.return_per_object_metrics = true",
+                f"collect_statistics_interval = {settings.statistics_interval_ms}",
+                f"default_vhost = {topology.VHOST}",
+                f"default_user = {access.admin_user}",
+                f"default_pass = {access.admin_password}",
+                "default_user_tags.administrator = true",
+                "default_permissions.configure = .*",
+                "default_permissions.read = .*",
+                "default_permissions.write = .*",
+                "log.console = false",
+                "log.file.level = info",
+                "",
+            ]
+        )
+
+    def write_files(self) -> None:
+        """Everything the node reads at boot; safe to call again (the cookie is kept)."""
+        for directory in (self.broker_dir, self.mnesia_dir, self.log_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._write_admin_file()
+        write_private_file(self.config_file, self._rabbitmq_conf())
+        write_private_file(self.enabled_plugins_file, f"[{','.join(ENABLED_PLUGINS)}].\n")
+        write_private_file(self.env_file, "# Intentionally empty: this node takes its settings from fedmq.\n")
+        if not self.cookie_file.exists():
+            write_private_file(self.cookie_file, secrets.token_hex(20).upper())
+            self.cookie_file.chmod(0o400)
+
+    def _environment(self) -> dict[str, str]:
+        """One environment for the node and rabbitmqctl, so both find the same cookie (``$HOME``)."""
+        inherited = {key: value for key, value in os.environ.items() if not key.startswith("RABBITMQ_")}
+        settings = self.settings
+        environment = {
+            **inherited,
+            "HOME": str(self.broker_dir),
+            "RABBITMQ_NODENAME": self.node_name,
+            "RABBITMQ_NODE_PORT": str(settings.amqp_port),
+            "RABBITMQ_DIST_PORT": str(settings.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.mnesia_dir),
+            "RABBITMQ_LOG_BASE": str(self.log_dir),
+            "RABBITMQ_CONFIG_FILE": str(self.config_file),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.broker_dir / "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.enabled_plugins_file),
+            "RABBITMQ_CONF_ENV_FILE": str(self.env_file),
+            "RABBITMQ_PID_FILE": str(self.pid_file),
+        }
+        if settings.bind == LOOPBACK:  # keep the Erlang distribution port off the network too
+            environment["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"] = "-kernel inet_dist_use_interface {127,0,0,1}"
+        return environment
+
+    # process
+
+    def _read_pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _is_our_node(self, pid: int) -> bool:
+        """Guard against a stale pid file whose number now belongs to another process."""
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        if not Path("/proc/self/cmdline").exists():
+            return True  # no procfs: trust the pid file
+        try:
+            arguments = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return str(self.broker_dir).encode() in arguments
+
+    def running_pid(self) -> int | None:
+        if self._process is not None and self._process.poll() is not None:
+            return None
+        pid = self._read_pid()
+        if pid is None or not _process_alive(pid) or not self._is_our_node(pid):
+            return None
+        return pid
+
+    def is_running(self) -> bool:
+        return self.running_pid() is not None
+
+    def _rabbitmqctl(self, *arguments: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        scripts = find_rabbitmq_scripts(self.rabbitmq_scripts_dir)
+        command = [str(scripts / "rabbitmqctl"), "-n", self.node_name, *arguments]
+        try:
+            return subprocess.run(
+                command,
+                env=self._environment(),
+                cwd=self.broker_dir,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise BrokerStartError(f"`rabbitmqctl {' '.join(arguments)}` took longer than {timeout:.0f} s") from exc
+
+    def _check_ports_free(self) -> None:
+        settings = self.settings
+        for option, port in (
+            ("amqp", settings.amqp_port),
+            ("dist", settings.dist_port),
+            ("management", settings.management_port),
+            ("prometheus", settings.prometheus_port),
+        ):
+            if not _port_is_free(settings.bind, port):
+                raise BrokerStartError(
+                    f"port {port} on {settings.bind} ({option}) is already in use: "
+                    f"pick another with --{option}-port"
+                )
+
+    def start(self, timeout: float = DEFAULT_START_TIMEOUT) -> bool:
+        """Start the node and wait until it accepts AMQP logins; return False if it was already running."""
+        scripts = find_rabbitmq_scripts(self.rabbitmq_scripts_dir)
+        if self.is_running():
+            logger.info("RabbitMQ node %s is already running (pid %s)", self.node_name, self._read_pid())
+            return False
+        self._check_ports_free()
+        self.write_files()
+        self.pid_file.unlink(missing_ok=True)
+        startup_log = self.log_dir / "startup.log"
+        with startup_log.open("wb") as output:
+            self._process = subprocess.Popen(
+                [str(scripts / "rabbitmq-server")],
+                env=self._environment(),
+                cwd=self.broker_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # outlive the CLI and its Ctrl-C
+            )
+        logger.info("starting RabbitMQ node %s (pid %s)", self.node_name, self._process.pid)
+        try:
+            self._await_ready(time.monotonic() + timeout, startup_log)
+        except BaseException:
+            self._kill_process()
+            raise
+        return True
+
+    def _await_ready(self, deadline: float, startup_log: Path) -> None:
+        assert self._process is not None
+        while True:
+            remaining = deadline - time.monotonic()
+            exit_code = self._process.poll()
+            if exit_code is not None:
+                raise BrokerStartError(
+                    f"RabbitMQ exited with code {exit_code} while starting; see {self.log_dir}. "
+                    f"Last lines of {startup_log}:\n{_tail(startup_log)}"
+                )
+            if remaining <= 0:
+                raise BrokerStartError(f"RabbitMQ did not start within the timeout; see {self.log_dir}")
+            result = self._rabbitmqctl(
+                "await_startup", "--timeout", str(max(1, int(remaining))), timeout=remaining + 10
+            )
+            if result.returncode == 0:
+                break
+            time.sleep(0.3)
+        self._verify_logins(deadline)
+
+    def _verify_logins(self, deadline: float) -> None:
+        """await_startup says the broker booted; prove our admin can use both AMQP and the management API."""
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                connection = pika.BlockingConnection(pika.URLParameters(self.access.admin_url()))
+                connection.close()
+                self.access.management(timeout=5).overview()
+                return
+            except pika.exceptions.ProbableAuthenticationError as exc:
+                raise BrokerNotReachable(
+                    f"the node refused the administrator in {self.admin_file}; the data in {self.mnesia_dir} "
+                    f"was created with another password (delete {self.broker_dir} to start afresh)"
+                ) from exc
+            except (pika.exceptions.AMQPError, BrokerError) as exc:
+                last_error = exc
+                time.sleep(0.3)
+        raise BrokerStartError(f"RabbitMQ started but does not accept logins: {last_error!r}")
+
+    def _kill_process(self) -> None:
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+    def _wait_until_gone(self, pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.pid == pid:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._process.wait(timeout=0.2)
+                if self._process.poll() is not None:
+                    return True
+            elif not _process_alive(pid):
+                return True
+            else:
+                time.sleep(0.2)
+        return False
+
+    def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> bool:
+        """Stop the node cleanly (rabbitmqctl stop, else SIGTERM); return False if it was not running."""
+        pid = self.running_pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        try:
+            result = self._rabbitmqctl("stop", timeout=timeout)
+            stopped_cleanly = result.returncode == 0
+        except BrokerError:
+            stopped_cleanly = False
+        if not stopped_cleanly:
+            logger.warning("rabbitmqctl stop failed; sending SIGTERM to %s", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        if not self._wait_until_gone(pid, timeout):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self._wait_until_gone(pid, 10)
+            raise BrokerStartError(f"RabbitMQ node {self.node_name} did not stop within {timeout:.0f} s; killed it")
+        self.pid_file.unlink(missing_ok=True)
+        self._process = None
+        return True
+
+    def status(self) -> NodeStatus:
+        pid = self.running_pid()
+        version: str | None = None
+        if pid is not None:
+            with contextlib.suppress(BrokerError):
+                version = str(self.access.management(timeout=5).overview().get("rabbitmq_version"))
+        return NodeStatus(
+            running=pid is not None,
+            node_name=self.node_name,
+            pid=pid,
+            access=self.access,
+            rabbitmq_version=version,
+        )

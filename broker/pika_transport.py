@@ -1,0 +1,263 @@
+"""The pika implementation of ``Transport``, and the reconnecting wrapper around whoever uses it.
+
+One BlockingConnection, owned by one thread, with two channels: one consumes, one publishes with publisher
+confirms. A refused publish closes only the publishing channel, which is reopened on the next publish, so a
+consumer keeps its deliveries. pika exceptions never leave this module: they become ``TransportError``s.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from broker.transport import (
+    Delivery,
+    Handler,
+    PublishRefused,
+    Transport,
+    TransportClosed,
+    TransportConnectionError,
+)
+
+log = logging.getLogger(__name__)
+
+PERSISTENT = pika.DeliveryMode.Persistent
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """Where and how to connect: an amqp(s) URL, plus certificate paths for TLS with client certificates."""
+
+    url: str
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    heartbeat_seconds: int = 30
+    connection_name: str = "fedmq"
+    blocked_connection_timeout: float = 300.0
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.url.startswith("amqps://")
+
+    def safe_url(self) -> str:
+        """The URL without its password, for logs."""
+        if "@" not in self.url:
+            return self.url
+        scheme, rest = self.url.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+
+    def parameters(self) -> pika.URLParameters:
+        params = pika.URLParameters(self.url)
+        params.heartbeat = self.heartbeat_seconds
+        params.blocked_connection_timeout = self.blocked_connection_timeout
+        params.client_properties = {"connection_name": self.connection_name}
+        if self.uses_tls:
+            context = ssl.create_default_context(cafile=self.ca_file)
+            if self.cert_file:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            params.ssl_options = pika.SSLOptions(context, params.host)
+            if self.cert_file and not params.credentials.username:
+                params.credentials = pika.credentials.ExternalCredentials()
+        return params
+
+
+_CONNECTION_ERRORS = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.ConnectionClosed,
+    pika.exceptions.StreamLostError,
+    pika.exceptions.ChannelWrongStateError,
+    ConnectionError,
+    OSError,
+)
+
+
+class PikaTransport(Transport):
+    def __init__(self, connection: pika.BlockingConnection) -> None:
+        self._connection = connection
+        self._consume_channel: BlockingChannel | None = None
+        self._publish_channel: BlockingChannel | None = None
+        self._closed = False
+
+    @classmethod
+    def connect(cls, settings: ConnectionSettings) -> PikaTransport:
+        try:
+            connection = pika.BlockingConnection(settings.parameters())
+        except pika.exceptions.ProbableAuthenticationError as exc:
+            raise TransportConnectionError(f"login refused by {settings.safe_url()}: {exc}") from exc
+        except _CONNECTION_ERRORS as exc:
+            raise TransportConnectionError(f"cannot connect to {settings.safe_url()}: {exc!r}") from exc
+        return cls(connection)
+
+    # -- channels
+    def _publisher(self) -> BlockingChannel:
+        if self._closed:
+            raise TransportClosed("transport is closed")
+        if self._publish_channel is None or not self._publish_channel.is_open:
+            self._publish_channel = self._connection.channel()
+            self._publish_channel.confirm_delivery()
+        return self._publish_channel
+
+    def _consumer(self) -> BlockingChannel:
+        if self._closed:
+            raise TransportClosed("transport is closed")
+        if self._consume_channel is None or not self._consume_channel.is_open:
+            self._consume_channel = self._connection.channel()
+        return self._consume_channel
+
+    # -- Transport
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        user_id: str | None = None,
+        message_id: str | None = None,
+    ) -> None:
+        properties = pika.BasicProperties(
+            delivery_mode=PERSISTENT,
+            headers=dict(headers) if headers else None,
+            user_id=user_id,
+            message_id=message_id,
+            content_type="application/msgpack",
+        )
+        try:
+            self._publisher().basic_publish(exchange, routing_key, body, properties, mandatory=True)
+        except pika.exceptions.UnroutableError as exc:
+            raise PublishRefused(f"message to {exchange}/{routing_key} routed to no queue", 312) from exc
+        except pika.exceptions.NackError as exc:
+            raise PublishRefused(f"broker nacked message to {exchange}/{routing_key}") from exc
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._publish_channel = None
+            raise PublishRefused(
+                f"broker refused publish to {exchange}/{routing_key}: {exc.reply_text}", exc.reply_code
+            ) from exc
+        except _CONNECTION_ERRORS as exc:
+            raise TransportConnectionError(f"connection lost while publishing: {exc!r}") from exc
+
+    def consume(self, queue: str, handler: Handler, *, prefetch: int = 1) -> None:
+        def on_message(
+            channel: BlockingChannel,
+            method: pika.spec.Basic.Deliver,
+            properties: pika.BasicProperties,
+            body: bytes,
+        ) -> None:
+            handler(
+                Delivery(
+                    body=body,
+                    routing_key=method.routing_key,
+                    delivery_tag=method.delivery_tag,
+                    user_id=properties.user_id,
+                    message_id=properties.message_id,
+                    headers=properties.headers or {},
+                    redelivered=bool(method.redelivered),
+                    exchange=method.exchange,
+                )
+            )
+
+        try:
+            channel = self._consumer()
+            channel.basic_qos(prefetch_count=prefetch)
+            channel.basic_consume(queue, on_message)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._consume_channel = None
+            raise PublishRefused(f"broker refused consuming {queue}: {exc.reply_text}", exc.reply_code) from exc
+        except _CONNECTION_ERRORS as exc:
+            raise TransportConnectionError(f"connection lost while subscribing to {queue}: {exc!r}") from exc
+
+    def ack(self, delivery: Delivery) -> None:
+        try:
+            self._consumer().basic_ack(delivery.delivery_tag)
+        except _CONNECTION_ERRORS as exc:
+            raise TransportConnectionError(f"connection lost before ack: {exc!r}") from exc
+
+    def poll(self, timeout: float) -> None:
+        if self._closed:
+            raise TransportClosed("transport is closed")
+        try:
+            self._connection.process_data_events(time_limit=timeout)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            raise TransportConnectionError(f"broker closed the channel: {exc.reply_text}") from exc
+        except _CONNECTION_ERRORS as exc:
+            raise TransportConnectionError(f"connection lost: {exc!r}") from exc
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        """Run callback on the I/O thread (inside the next poll); the one method other threads may call."""
+        try:
+            self._connection.add_callback_threadsafe(callback)
+        except _CONNECTION_ERRORS as exc:
+            raise TransportConnectionError(f"connection lost: {exc!r}") from exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._connection.is_open:
+                self._connection.close()
+        except Exception as exc:  # closing a dead connection: nothing left to clean up
+            log.debug("ignoring error while closing connection: %r", exc)
+
+
+ResultT = TypeVar("ResultT")
+
+
+def connect_with_retry(
+    settings: ConnectionSettings,
+    *,
+    max_wait_seconds: float = 30.0,
+    give_up_after_seconds: float | None = None,
+    connect: Callable[[ConnectionSettings], PikaTransport] = PikaTransport.connect,
+) -> PikaTransport:
+    """Connect, retrying with capped, jittered exponential backoff while the broker is unreachable."""
+    retrying = Retrying(
+        retry=retry_if_exception_type(TransportConnectionError),
+        wait=wait_random_exponential(multiplier=0.5, max=max_wait_seconds),
+        stop=stop_after_delay(give_up_after_seconds) if give_up_after_seconds is not None else (lambda _: False),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    )
+    transport: PikaTransport = retrying(connect, settings)
+    log.info("connected to %s", settings.safe_url())
+    return transport
+
+
+def run_reconnecting(
+    settings: ConnectionSettings,
+    session: Callable[[PikaTransport], ResultT],
+    *,
+    should_stop: Callable[[], bool],
+    max_wait_seconds: float = 30.0,
+) -> ResultT | None:
+    """Run ``session`` on a fresh connection; when the connection drops, reconnect (with backoff) and run it again.
+
+    ``session`` returns when its work is finished; a ``TransportConnectionError`` from it means "connection lost".
+    Unacked deliveries return to their queues when a connection dies, so the next session sees them again.
+    """
+    while not should_stop():
+        transport = connect_with_retry(settings, max_wait_seconds=max_wait_seconds)
+        try:
+            return session(transport)
+        except TransportConnectionError as exc:
+            log.warning("connection to the broker lost (%s); reconnecting", exc)
+        finally:
+            transport.close()
+    return None

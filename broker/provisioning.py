@@ -1,0 +1,293 @@
+"""Broker identities: one RabbitMQ user per hospital, one for the coordinator, and their config files.
+
+A site's user is named exactly its site id, so the AMQP ``user_id`` property the broker validates on every
+publish *is* the site id the coordinator trusts. Its permissions come from ``topology.site_permissions``:
+write only to the update and status exchanges with routing keys ``site.<id>.*``, read only its own inbox and
+control queue, declare nothing. The password is generated here and written only to the site's config file
+(mode 0600), which the hospital's IT copies to the agent's machine.
+
+Queues are declared through the management API (as the administrator), from the same topology specs that
+``broker.declare`` uses over AMQP, so a site's inbox exists before the site first connects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import sys
+import tempfile
+import urllib.parse
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from broker import topology
+from broker.errors import BrokerNotConfigured, ManagementError, ProvisioningError
+from broker.management import ManagementClient
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# A user tag marking RabbitMQ users that are fedmq sites (tags are free-form labels in RabbitMQ).
+SITE_TAG = "fedmq-site"
+SITES_DIRNAME = "sites"
+COORDINATOR_CONFIG_NAME = "coordinator-broker.toml"
+PASSWORD_BYTES = 24
+
+
+@dataclass(frozen=True)
+class SiteCredentials:
+    """What a provisioned site needs: its id, its AMQP URL (with password) and its config file."""
+
+    site_id: str
+    url: str
+    config_path: Path
+
+
+@dataclass(frozen=True)
+class SiteRecord:
+    """One row of ``list_sites``: a site known to the broker, to the state dir, or to both."""
+
+    site_id: str
+    has_user: bool
+    has_permissions: bool
+    config_path: Path | None
+
+    @property
+    def provisioned(self) -> bool:
+        return self.has_user and self.has_permissions
+
+
+def amqp_url(user: str, password: str, host: str, port: int, vhost: str) -> str:
+    """``amqp://user:password@host:port/vhost`` with every part quoted as URLParameters expects."""
+    netloc_host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    quoted = [urllib.parse.quote(part, safe="") for part in (user, password, vhost)]
+    return f"amqp://{quoted[0]}:{quoted[1]}@{netloc_host}:{port}/{quoted[2]}"
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced, for printing and logging."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:****@{host}"))
+
+
+def toml_string(value: str) -> str:
+    """A TOML basic string (JSON string escapes are a subset of TOML's)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Write atomically with mode 0600 from the first byte: these files hold passwords."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(descriptor, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise BrokerNotConfigured(f"{path} does not exist") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise BrokerNotConfigured(f"cannot read {path}: {exc}") from exc
+
+
+def read_broker_url(config_path: Path) -> str:
+    """The ``[broker] url`` of a site or coordinator config file."""
+    broker = read_toml(config_path).get("broker")
+    url = broker.get("url") if isinstance(broker, dict) else None
+    if not isinstance(url, str) or not url:
+        raise BrokerNotConfigured(f"{config_path} has no [broker] url")
+    return url
+
+
+def site_config_path(state_dir: Path, site_id: str) -> Path:
+    return state_dir / SITES_DIRNAME / f"{site_id}.toml"
+
+
+def coordinator_config_path(state_dir: Path) -> Path:
+    return state_dir / COORDINATOR_CONFIG_NAME
+
+
+def generate_password() -> str:
+    return secrets.token_urlsafe(PASSWORD_BYTES)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _write_site_config(path: Path, site_id: str, url: str) -> None:
+    write_private_file(
+        path,
+        f"# fedmq site agent configuration for {site_id}, written by `fedmq broker add-site` on {_now()}.\n"
+        "# It holds this hospital's broker password: keep it private (mode 0600) and copy it only to the\n"
+        "# machine that runs the site agent.\n"
+        f"site_id = {toml_string(site_id)}\n"
+        "\n"
+        "[broker]\n"
+        f"url = {toml_string(url)}\n",
+    )
+
+
+def _user_tags(user: dict[str, Any]) -> list[str]:
+    tags = user.get("tags") or []
+    if isinstance(tags, str):  # older brokers answer "a,b"
+        return [tag for tag in tags.split(",") if tag]
+    return [str(tag) for tag in tags]
+
+
+def _checked_site_id(site_id: str) -> str:
+    try:
+        return topology.validate_site_id(site_id)
+    except topology.TopologyError as exc:
+        raise ProvisioningError(str(exc)) from exc
+
+
+def _require_vhost(management: ManagementClient, vhost: str) -> None:
+    if vhost not in management.list_vhosts():
+        raise ProvisioningError(f"the broker has no vhost {vhost!r}: run `fedmq broker up` (or declare) first")
+
+
+def declare_site_queues(management: ManagementClient, *, site_id: str, vhost: str) -> None:
+    """The site's inbox and control queue with their bindings (idempotent)."""
+    try:
+        for queue in topology.site_queues(site_id):
+            management.declare_queue(vhost, queue)
+        for binding in topology.site_bindings(site_id):
+            management.bind_queue(vhost, binding)
+    except ManagementError as exc:
+        raise ProvisioningError(f"cannot declare the queues of site {site_id!r} in {vhost!r}: {exc}") from exc
+
+
+def add_site(
+    management: ManagementClient,
+    *,
+    site_id: str,
+    amqp_host: str,
+    amqp_port: int,
+    vhost: str,
+    state_dir: Path,
+    rotate_password: bool = False,
+) -> Path:
+    """Create the site's user, permissions and queues, write its config file and return the file's path.
+
+    An existing site is refused unless ``rotate_password``: then it gets a new password, its open connections
+    are closed (they were opened with the old one) and its config file is rewritten.
+    """
+    _checked_site_id(site_id)
+    _require_vhost(management, vhost)
+    existing = management.get_user(site_id)
+    if existing is not None:
+        if SITE_TAG not in _user_tags(existing):
+            raise ProvisioningError(f"the broker already has a user {site_id!r} that is not a fedmq site")
+        if not rotate_password:
+            raise ProvisioningError(
+                f"site {site_id!r} exists already; use --rotate-password to issue a new password "
+                f"or remove-site first"
+            )
+    password = generate_password()
+    management.create_user(site_id, password, tags=[SITE_TAG])
+    try:
+        management.apply_permissions(vhost, site_id, topology.site_permissions(site_id))
+        declare_site_queues(management, site_id=site_id, vhost=vhost)
+        path = site_config_path(state_dir, site_id)
+        _write_site_config(path, site_id, amqp_url(site_id, password, amqp_host, amqp_port, vhost))
+    except BaseException:
+        if existing is None:  # leave no half-provisioned site behind
+            management.delete_user(site_id)
+        raise
+    if existing is not None:
+        management.close_user_connections(site_id, reason="site password rotated")
+    return path
+
+
+def remove_site(management: ManagementClient, *, site_id: str, vhost: str, state_dir: Path) -> None:
+    """Delete the site's user (and so its permissions), close its connections, drop its queues and file."""
+    _checked_site_id(site_id)
+    path = site_config_path(state_dir, site_id)
+    user = management.get_user(site_id)
+    if user is None and not path.exists():
+        raise ProvisioningError(f"no site named {site_id!r} (no broker user, no {path})")
+    if user is not None:
+        if SITE_TAG not in _user_tags(user):
+            raise ProvisioningError(f"the broker user {site_id!r} is not a fedmq site; not removing it")
+        management.delete_user(site_id)
+        management.close_user_connections(site_id, reason="site removed")
+    if vhost in management.list_vhosts():
+        for queue in topology.site_queues(site_id):
+            management.delete_queue(vhost, queue.name)
+    path.unlink(missing_ok=True)
+
+
+def list_sites(management: ManagementClient, *, vhost: str, state_dir: Path) -> list[SiteRecord]:
+    """Sites with a user permitted in ``vhost`` and sites with a config file, sorted by id."""
+    site_users = {user["name"] for user in management.list_users() if SITE_TAG in _user_tags(user)}
+    permitted = (
+        {entry["user"] for entry in management.list_permissions(vhost)}
+        if vhost in management.list_vhosts()
+        else set()
+    )
+    sites_dir = state_dir / SITES_DIRNAME
+    config_files = {path.stem: path for path in sites_dir.glob("*.toml")} if sites_dir.is_dir() else {}
+    site_ids = (site_users & permitted) | set(config_files)
+    return [
+        SiteRecord(
+            site_id=site_id,
+            has_user=site_id in site_users,
+            has_permissions=site_id in permitted,
+            config_path=config_files.get(site_id),
+        )
+        for site_id in sorted(site_ids)
+    ]
+
+
+def _password_from_config(path: Path, user: str) -> str | None:
+    try:
+        parts = urllib.parse.urlsplit(read_broker_url(path))
+    except BrokerNotConfigured:
+        return None
+    if parts.username is None or urllib.parse.unquote(parts.username) != user or parts.password is None:
+        return None
+    return urllib.parse.unquote(parts.password)
+
+
+def ensure_coordinator_user(
+    management: ManagementClient, *, vhost: str, amqp_host: str, amqp_port: int, state_dir: Path
+) -> Path:
+    """Make sure the coordinator's user exists with its permissions on ``vhost``; (re)write its config file.
+
+    The password already in ``<state dir>/coordinator-broker.toml`` is kept, so running ``fedmq broker up``
+    again does not break a running coordinator; a new one is generated only when there is none.
+    """
+    user = topology.COORDINATOR_USER
+    path = coordinator_config_path(state_dir)
+    password = _password_from_config(path, user) if path.exists() else None
+    if password is None or management.get_user(user) is None:
+        password = password or generate_password()
+        management.create_user(user, password)
+    management.apply_permissions(vhost, user, topology.coordinator_permissions())
+    write_private_file(
+        path,
+        f"# broker credentials of the fedmq coordinator, written by fedmq on {_now()}. Keep private.\n"
+        "[broker]\n"
+        f"url = {toml_string(amqp_url(user, password, amqp_host, amqp_port, vhost))}\n",
+    )
+    return path

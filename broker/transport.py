@@ -1,0 +1,86 @@
+"""The one seam between federation logic and the broker.
+
+The coordinator and the site agent speak only to ``Transport``: publish (confirmed), consume, ack, poll. The pika
+implementation is ``broker.pika_transport``; ``broker.memory`` is an in-process one for unit tests of the logic.
+A transport is used from one thread (the I/O thread); handlers run on that thread inside ``poll``.
+
+Errors::
+
+    TransportError                 root
+    ├── TransportConnectionError   the connection is gone or could not be opened (reconnect and carry on)
+    ├── PublishRefused             the broker refused one message (nack, unroutable, access refused); has reply_code
+    └── TransportClosed            used after close()
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class TransportError(Exception):
+    """Root of transport errors; foreign (pika) exceptions are translated into these at the boundary."""
+
+
+class TransportConnectionError(TransportError):
+    pass
+
+
+class PublishRefused(TransportError):
+    def __init__(self, message: str, reply_code: int | None = None) -> None:
+        super().__init__(message)
+        self.reply_code = reply_code
+
+
+class TransportClosed(TransportError):
+    pass
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One received message, as the logic sees it: the body and the properties the broker vouches for."""
+
+    body: bytes
+    routing_key: str
+    delivery_tag: int
+    user_id: str | None = None
+    message_id: str | None = None
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    redelivered: bool = False
+    exchange: str = ""
+
+
+Handler = Callable[[Delivery], None]
+
+
+class Transport(ABC):
+    @abstractmethod
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        user_id: str | None = None,
+        message_id: str | None = None,
+    ) -> None:
+        """Publish persistently and return once the broker confirmed it; raise PublishRefused otherwise."""
+
+    @abstractmethod
+    def consume(self, queue: str, handler: Handler, *, prefetch: int = 1) -> None:
+        """Deliver the queue's messages to handler (inside ``poll``); the handler must ack each one."""
+
+    @abstractmethod
+    def ack(self, delivery: Delivery) -> None:
+        """Tell the broker this delivery is done with; until then it is redelivered after a disconnect."""
+
+    @abstractmethod
+    def poll(self, timeout: float) -> None:
+        """Do I/O and run handlers for up to ``timeout`` seconds."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the connection; unacked deliveries return to their queues."""

@@ -1,0 +1,120 @@
+"""The audit trail: one JSON line per received update, each chained to the previous by its hash.
+
+For HIPAA/GDPR reviews: what each site sent (sha256 of the exact bytes), whether it was accepted, and why not.
+Each record holds ``prev_hash`` (the previous record's ``hash``) and its own ``hash`` = sha256 of the record's
+canonical JSON without ``hash``; editing, removing or reordering any record breaks the chain from there on,
+which ``verify_chain`` reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GENESIS_HASH = "0" * 64
+
+
+def _canonical(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    return hashlib.sha256(_canonical({key: value for key, value in record.items() if key != "hash"})).hexdigest()
+
+
+def body_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+class AuditLog:
+    """Append-only; each append is flushed and fsynced before the update it describes is acknowledged."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair_torn_tail()
+        self.count, self.last_hash = self._scan()
+        self._handle = path.open("a", encoding="utf-8")
+
+    def _repair_torn_tail(self) -> None:
+        """A crash mid-write can leave a last line without its newline; it was never acknowledged, drop it."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with self.path.open("r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
+                os.fsync(handle.fileno())
+
+    def _scan(self) -> tuple[int, str]:
+        count, last = 0, GENESIS_HASH
+        for record in read_records(self.path):
+            count, last = count + 1, str(record.get("hash", last))
+        return count, last
+
+    def seal(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """The record that would be appended next (chained, hashed), without writing it."""
+        record = {"seq_no": self.count + 1, **fields, "prev_hash": self.last_hash}
+        record["hash"] = record_hash(record)
+        return record
+
+    def append_sealed(self, record: dict[str, Any]) -> None:
+        if record.get("prev_hash") != self.last_hash:
+            raise ValueError("record was sealed against another chain head")
+        self._handle.write(json.dumps(record, sort_keys=True) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self.count += 1
+        self.last_hash = record["hash"]
+
+    def append(self, fields: dict[str, Any]) -> dict[str, Any]:
+        record = self.seal(fields)
+        self.append_sealed(record)
+        return record
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    ok: bool
+    records: int
+    first_broken: int | None = None  # 1-based line number
+    problem: str = ""
+
+
+def verify_chain(path: Path) -> ChainReport:
+    previous = GENESIS_HASH
+    count = 0
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return ChainReport(False, count, line_number, f"not JSON ({exc.msg})")
+            if not isinstance(record, dict):
+                return ChainReport(False, count, line_number, "not a JSON object")
+            if record.get("prev_hash") != previous:
+                return ChainReport(False, count, line_number, "prev_hash does not match the previous record")
+            if record.get("hash") != record_hash(record):
+                return ChainReport(False, count, line_number, "hash does not match the record's content")
+            previous = record["hash"]
+            count += 1
+    return ChainReport(True, count)

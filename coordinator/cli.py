@@ -1,0 +1,117 @@
+"""``fedmq coordinator run`` and ``fedmq audit verify``: config files are read here, nowhere deeper."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from coordinator.audit import verify_chain
+from coordinator.config import ConfigError, CoordinatorConfig, load_config
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+log = logging.getLogger("fedmq.coordinator")
+
+
+def register(subcommands: Any) -> None:
+    coordinator = subcommands.add_parser(
+        "coordinator", help="run the aggregation service", description="The long-running coordinator service."
+    )
+    actions = coordinator.add_subparsers(dest="action", metavar="ACTION")
+    run = actions.add_parser(
+        "run",
+        help="aggregate site updates until the stopping rule is met (or SIGTERM)",
+        description="Declare the topology, publish the global model and aggregate updates as they arrive. "
+        "Resumes from the checkpoint in its state dir.",
+    )
+    run.add_argument("--config", type=Path, help="coordinator.toml (every option has a default)")
+    run.add_argument("--metrics-port", type=int, help="override [metrics] port")
+    run.set_defaults(handler=run_command)
+    coordinator.set_defaults(handler=lambda args: _help(coordinator))
+
+    audit = subcommands.add_parser("audit", help="check the audit trail", description="Audit trail tools.")
+    audit_actions = audit.add_subparsers(dest="action", metavar="ACTION")
+    verify = audit_actions.add_parser(
+        "verify", help="check the hash chain of an audit log and report the first broken record"
+    )
+    verify.add_argument("path", type=Path, help="audit.jsonl (in the coordinator's state dir)")
+    verify.set_defaults(handler=verify_command)
+    audit.set_defaults(handler=lambda args: _help(audit))
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def resolve_config(args: argparse.Namespace) -> CoordinatorConfig:
+    """The file, with the state dir and (when the file names none) the provisioned sites filled in."""
+    config = load_config(args.config)
+    if args.config is None or "state_dir" not in read_toml_keys(args.config):
+        config = replace(config, state_dir=args.state_dir / "coordinator")
+    if not config.sites:
+        sites_dir = args.state_dir / "sites"
+        config = replace(config, sites=tuple(sorted(path.stem for path in sites_dir.glob("*.toml"))))
+    if args.metrics_port is not None:
+        config = replace(config, metrics=replace(config.metrics, port=args.metrics_port))
+    return config
+
+
+def read_toml_keys(path: Path) -> set[str]:
+    with path.open("rb") as handle:
+        return set(tomllib.load(handle))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from coordinator import runner
+
+    try:
+        config = resolve_config(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not config.sites:
+        print(
+            "error: no sites: list them in the config (sites = [...]) or provision them with "
+            "`fedmq broker add-site NAME`",
+            file=sys.stderr,
+        )
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s: finishing the update in hand, then closing", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    registry = CollectorRegistry()
+    coordinator = runner.build_coordinator(config, registry)
+    coordinator.metrics.serve(config.metrics.host, config.metrics.port)
+    print(f"metrics: http://{config.metrics.host}:{config.metrics.port}/metrics", flush=True)
+    runner.run(coordinator, stop)
+    return 0
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    if not args.path.exists():
+        print(f"error: {args.path} does not exist", file=sys.stderr)
+        return 1
+    report = verify_chain(args.path)
+    if report.ok:
+        print(f"OK: {report.records} records, hash chain intact")
+        return 0
+    print(f"BROKEN at record {report.first_broken}: {report.problem} ({report.records} records verified before it)")
+    return 1

@@ -1,0 +1,191 @@
+"""The coordinator's configuration: small typed objects, every option with a default.
+
+Only ``load_config`` touches a file; everything else receives a ``CoordinatorConfig``. An example
+``coordinator.toml``::
+
+    task = "heart-disease"
+    sites = ["cleveland", "hungary", "switzerland", "long-beach"]   # empty: every provisioned site
+
+    [broker]
+    url = "amqp://fedmq-coordinator:...@127.0.0.1:5682/fedmq"
+
+    [strategy]
+    name = "fedbuff"                 # fedasync | fedbuff | fedavg-sync
+    max_staleness = 20
+    [strategy.params]                # passed to the strategy as keyword arguments
+    buffer_size = 3
+    server_optimizer = "adam"
+    server_learning_rate = 0.01
+
+    [training]                       # sent to every site inside the global model
+    local_steps = 100
+    learning_rate = 0.01
+    batch_size = 4
+
+    [validation]
+    max_update_norm = 1000.0
+    max_message_mb = 256
+
+    [liveness]
+    site_timeout_seconds = 30
+
+    [stopping]
+    max_versions = 60
+    max_seconds = 0                  # 0: no wall-clock budget
+    target_metric = ""               # e.g. "accuracy"
+    target_value = 0.0
+    target_aggregate = "pooled"      # or "mean"
+
+    [metrics]
+    port = 9464
+    host = "127.0.0.1"
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from schemas import TrainingConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    url: str = "amqp://fedmq-coordinator@127.0.0.1:5682/fedmq"
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    name: str = "fedbuff"
+    max_staleness: int = 20
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    max_update_norm: float = 1e4
+    max_message_mb: float = 256.0
+    remembered_update_ids: int = 100_000
+
+
+@dataclass(frozen=True)
+class LivenessSettings:
+    site_timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class StoppingSettings:
+    max_versions: int = 0
+    max_seconds: float = 0.0
+    target_metric: str = ""
+    target_value: float = 0.0
+    target_aggregate: str = "pooled"
+    final_eval_timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    port: int = 9464
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    task: str = "heart-disease"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    sites: tuple[str, ...] = ()
+    state_dir: Path = Path(".fedmq/coordinator")
+    seed: int = 0
+    update_prefetch: int = 8
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    strategy: StrategySettings = field(default_factory=StrategySettings)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+    liveness: LivenessSettings = field(default_factory=LivenessSettings)
+    stopping: StoppingSettings = field(default_factory=StoppingSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+
+
+ConfigT = TypeVar("ConfigT")
+
+_NESTED = {
+    "broker": BrokerSettings,
+    "strategy": StrategySettings,
+    "training": TrainingConfig,
+    "validation": ValidationSettings,
+    "liveness": LivenessSettings,
+    "stopping": StoppingSettings,
+    "metrics": MetricsSettings,
+}
+
+
+def _build(kind: type[ConfigT], values: dict[str, Any], where: str) -> ConfigT:
+    known = {item.name for item in fields(kind)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"[{where}] unknown key(s) {unknown}; known: {sorted(known)}")
+    return kind(**values)
+
+
+def config_from_dict(values: dict[str, Any], *, base_dir: Path | None = None) -> CoordinatorConfig:
+    values = dict(values)
+    if "task" in values and isinstance(values["task"], dict):  # [task] name = ..., other keys are options
+        task_table = dict(values.pop("task"))
+        values["task"] = task_table.pop("name", CoordinatorConfig.task)
+        values["task_options"] = task_table
+    nested: dict[str, Any] = {}
+    for key, kind in _NESTED.items():
+        if key in values:
+            table = values.pop(key)
+            if not isinstance(table, dict):
+                raise ConfigError(f"[{key}] must be a table")
+            nested[key] = _build(kind, table, key)
+    if "sites" in values:
+        values["sites"] = tuple(values["sites"])
+    if "state_dir" in values:
+        state_dir = Path(values["state_dir"]).expanduser()
+        values["state_dir"] = state_dir if state_dir.is_absolute() or base_dir is None else base_dir / state_dir
+    config = _build(CoordinatorConfig, {**values, **nested}, "top level")
+    return config
+
+
+def load_config(path: Path | None) -> CoordinatorConfig:
+    """Read coordinator.toml; a missing path means every default."""
+    if path is None:
+        return CoordinatorConfig()
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    try:
+        return config_from_dict(raw, base_dir=path.parent)
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def as_dict(config: Any) -> Any:
+    """A JSON-ready view of a config, for the run summary."""
+    if is_dataclass(config):
+        return {item.name: as_dict(getattr(config, item.name)) for item in fields(config)}
+    if isinstance(config, Path):
+        return str(config)
+    if isinstance(config, (tuple, list)):
+        return [as_dict(item) for item in config]
+    return config

@@ -1,0 +1,118 @@
+"""Build a coordinator from its config and run it against RabbitMQ until it finishes or is told to stop.
+
+This is the only coordinator module that knows about pika (through ``broker.pika_transport``); the service
+itself sees a ``Transport``. A dropped connection is re-established with capped, jittered backoff and the
+service carries on where its checkpoint left it; unacked deliveries come back and are de-duplicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import pika
+import pika.exceptions
+import torch
+from prometheus_client import CollectorRegistry
+
+from broker.declare import declare_topology
+from broker.pika_transport import ConnectionSettings, PikaTransport, run_reconnecting
+from broker.transport import TransportConnectionError
+from coordinator.aggregation import build_strategy
+from coordinator.audit import AuditLog
+from coordinator.checkpoint import CheckpointStore
+from coordinator.config import CoordinatorConfig
+from coordinator.evaluation import EvaluationBook
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.service import Coordinator
+from schemas import ModelFingerprint
+from site_agent.tasks.base import architecture_digest
+from site_agent.tasks.registry import get_task
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.25
+
+
+def state_paths(config: CoordinatorConfig) -> dict[str, Path]:
+    directory = config.state_dir
+    return {
+        "checkpoint": directory / "checkpoint",
+        "audit": directory / "audit.jsonl",
+        "evaluations": directory / "evaluations.jsonl",
+        "summary": directory / "run_summary.json",
+        "final_model": directory / "final_model.safetensors",
+    }
+
+
+def build_coordinator(config: CoordinatorConfig, registry: CollectorRegistry) -> Coordinator:
+    """Version 0 comes from the task (seeded), then any checkpoint in the state dir takes over."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    paths = state_paths(config)
+    task = get_task(config.task, **config.task_options)
+    torch.manual_seed(config.seed)
+    model = task.build_model()
+    initial = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    strategy_params = dict(config.strategy.params)
+    if config.strategy.name == "fedavg-sync":
+        strategy_params.setdefault("sites", list(config.sites))
+    coordinator = Coordinator(
+        config,
+        strategy=build_strategy(config.strategy.name, **strategy_params),
+        initial_params=initial,
+        fingerprint=ModelFingerprint(task=config.task, architecture=architecture_digest(model)),
+        metrics=CoordinatorMetrics(registry),
+        audit=AuditLog(paths["audit"]),
+        evaluations=EvaluationBook(paths["evaluations"]),
+        checkpoints=CheckpointStore(paths["checkpoint"]),
+    )
+    if not coordinator.restore():
+        log.info(
+            "new run: task %s, strategy %s, %d sites, model v0 with %d parameters",
+            config.task,
+            config.strategy.name,
+            len(config.sites),
+            sum(tensor.numel() for tensor in initial.values()),
+        )
+    return coordinator
+
+
+def connection_settings(config: CoordinatorConfig) -> ConnectionSettings:
+    return ConnectionSettings(
+        url=config.broker.url,
+        ca_file=config.broker.ca_file,
+        cert_file=config.broker.cert_file,
+        key_file=config.broker.key_file,
+        connection_name="fedmq-coordinator",
+    )
+
+
+def declare(settings: ConnectionSettings, site_ids: tuple[str, ...]) -> None:
+    try:
+        connection = pika.BlockingConnection(settings.parameters())
+    except pika.exceptions.AMQPError as exc:
+        raise TransportConnectionError(f"cannot connect to declare the topology: {exc!r}") from exc
+    try:
+        declare_topology(connection.channel(), site_ids)
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def run(coordinator: Coordinator, stop: threading.Event) -> None:
+    """Serve until the stopping rule finishes the run or ``stop`` is set (SIGTERM): each handled update is
+    already checkpointed, so stopping only needs a clean close."""
+    config = coordinator.config
+    settings = connection_settings(config)
+
+    def session(transport: PikaTransport) -> None:
+        declare(settings, config.sites)
+        coordinator.attach(transport)
+        while not stop.is_set() and not coordinator.finished:
+            transport.poll(POLL_SECONDS)
+            coordinator.tick()
+
+    run_reconnecting(settings, session, should_stop=lambda: stop.is_set() or coordinator.finished)
+    coordinator.audit.close()
+    log.info("coordinator closed cleanly at model v%d", coordinator.state.version)

@@ -1,0 +1,58 @@
+"""The wire format: frozen message dataclasses encoded with msgpack; tensors as dtype + shape + raw bytes."""
+
+from schemas.errors import (
+    FieldError,
+    MalformedMessage,
+    MessageTooLarge,
+    SchemaError,
+    TensorError,
+    UnknownSchemaVersion,
+)
+from schemas.messages import (
+    MESSAGE_TYPES,
+    SCHEMA_VERSION,
+    Control,
+    ControlCommand,
+    DecodeLimits,
+    EvalReport,
+    GlobalModel,
+    Heartbeat,
+    Message,
+    ModelFingerprint,
+    ModelUpdate,
+    SiteState,
+    TrainingConfig,
+    TrainingMetrics,
+    decode,
+    encode,
+)
+from schemas.tensors import COMPRESSIONS, Params, first_non_finite, raw_size
+
+__all__ = [
+    "COMPRESSIONS",
+    "MESSAGE_TYPES",
+    "SCHEMA_VERSION",
+    "Control",
+    "ControlCommand",
+    "DecodeLimits",
+    "EvalReport",
+    "FieldError",
+    "GlobalModel",
+    "Heartbeat",
+    "MalformedMessage",
+    "Message",
+    "MessageTooLarge",
+    "ModelFingerprint",
+    "ModelUpdate",
+    "Params",
+    "SchemaError",
+    "SiteState",
+    "TensorError",
+    "TrainingConfig",
+    "TrainingMetrics",
+    "UnknownSchemaVersion",
+    "decode",
+    "encode",
+    "first_non_finite",
+    "raw_size",
+]

@@ -1,0 +1,381 @@
+"""The five messages of the federation, each a frozen dataclass with ``encode()`` and ``decode()``.
+
+On the wire a message is one msgpack map: ``{"type": ..., "schema_version": ..., <fields>}``. Decoding checks
+the byte size before unpacking, then the type and version, then that the field set is exactly the expected one
+and every field has the expected type; tensors are checked by ``schemas.tensors``. Anything else raises a
+``SchemaError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+import torch
+
+from schemas.errors import FieldError, MalformedMessage, MessageTooLarge, SchemaError, UnknownSchemaVersion
+from schemas.tensors import Params, decode_tensors, encode_tensors
+
+SCHEMA_VERSION = 1
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_TENSORS = 4096
+MAX_STRING_LENGTH = 4096
+MAX_METRICS = 256
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds checked before (bytes) and while (counts) decoding untrusted input."""
+
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_tensors: int = DEFAULT_MAX_TENSORS
+
+
+class SiteState(str, Enum):
+    IDLE = "idle"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    PAUSED = "paused"
+
+
+class ControlCommand(str, Enum):
+    STOP = "stop"
+    PAUSE = "pause"
+    RESUME = "resume"
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How every site trains on a global model; it travels inside the model so all sites agree."""
+
+    local_steps: int = 100
+    learning_rate: float = 0.01
+    batch_size: int = 4
+    optimizer: str = "sgd"
+    proximal_mu: float | None = None
+    local_epochs: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """Task name + architecture hash: a site refuses a model its task cannot load."""
+
+    task: str
+    architecture: str
+
+
+@dataclass(frozen=True)
+class TrainingMetrics:
+    loss: float
+    steps: int
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------- field checks
+
+Check = Callable[[object, str], Any]
+
+
+def _string(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise FieldError(f"expected a string, got {type(value).__name__}", name)
+    if len(value) > MAX_STRING_LENGTH:
+        raise FieldError(f"string longer than {MAX_STRING_LENGTH} characters", name)
+    return value
+
+
+def _non_empty_string(value: object, name: str) -> str:
+    text = _string(value, name)
+    if not text:
+        raise FieldError("must not be empty", name)
+    return text
+
+
+def _count(value: object, name: str) -> int:
+    if type(value) is not int or value < 0:
+        raise FieldError(f"expected a non-negative int, got {value!r}", name)
+    return value
+
+
+def _number(value: object, name: str) -> float:
+    if type(value) not in (int, float):
+        raise FieldError(f"expected a number, got {type(value).__name__}", name)
+    return float(value)  # type: ignore[arg-type]
+
+
+def _finite_number(value: object, name: str) -> float:
+    number = _number(value, name)
+    if not math.isfinite(number):
+        raise FieldError(f"expected a finite number, got {number}", name)
+    return number
+
+
+def _optional(check: Check) -> Check:
+    def checked(value: object, name: str) -> Any:
+        return None if value is None else check(value, name)
+
+    return checked
+
+
+def _uuid(value: object, name: str) -> str:
+    text = _string(value, name)
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise FieldError(f"expected a UUID, got {text!r}", name) from None
+
+
+def _enum(enum_type: type[Enum]) -> Check:
+    def checked(value: object, name: str) -> Enum:
+        try:
+            return enum_type(value)
+        except (ValueError, TypeError):
+            allowed = [member.value for member in enum_type]
+            raise FieldError(f"expected one of {allowed}, got {value!r}", name) from None
+
+    return checked
+
+
+def _metrics(value: object, name: str) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise FieldError(f"expected a map of name -> number, got {type(value).__name__}", name)
+    if len(value) > MAX_METRICS:
+        raise FieldError(f"more than {MAX_METRICS} metrics", name)
+    return {_non_empty_string(key, f"{name} key"): _number(item, f"{name}[{key!r}]") for key, item in value.items()}
+
+
+def _struct(struct_type: type, checks: Mapping[str, Check]) -> Check:
+    def checked(value: object, name: str) -> Any:
+        return struct_type(**_check_fields(value, checks, name))
+
+    return checked
+
+
+def _check_fields(value: object, checks: Mapping[str, Check], where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise FieldError(f"expected a map, got {type(value).__name__}", where)
+    missing = [key for key in checks if key not in value]
+    if missing:
+        raise FieldError(f"missing field(s) {missing}", where)
+    extra = [str(key) for key in value if key not in checks]
+    if extra:
+        raise FieldError(f"unexpected field(s) {extra}", where)
+    return {key: check(value[key], f"{where}.{key}" if where else key) for key, check in checks.items()}
+
+
+_TRAINING_CONFIG = _struct(
+    TrainingConfig,
+    {
+        "local_steps": _count,
+        "learning_rate": _finite_number,
+        "batch_size": _count,
+        "optimizer": _non_empty_string,
+        "proximal_mu": _optional(_finite_number),
+        "local_epochs": _optional(_count),
+    },
+)
+_FINGERPRINT = _struct(ModelFingerprint, {"task": _non_empty_string, "architecture": _non_empty_string})
+_TRAINING_METRICS = _struct(TrainingMetrics, {"loss": _number, "steps": _count, "seconds": _finite_number})
+
+
+def _plain(value: object) -> Any:
+    """Turn nested dataclasses and enums into msgpack-ready values."""
+    if isinstance(value, Enum):
+        return value.value
+    if hasattr(value, "__dataclass_fields__"):
+        return {item.name: _plain(getattr(value, item.name)) for item in fields(value)}  # type: ignore[arg-type]
+    return value
+
+
+# --------------------------------------------------------------------------------------------------- messages
+
+MessageT = TypeVar("MessageT", bound="Message")
+
+
+class Message:
+    """Shared encode/decode; subclasses list their field checks and which fields hold tensors."""
+
+    TYPE: ClassVar[str]
+    CHECKS: ClassVar[dict[str, Check]]
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ()
+    schema_version: int
+
+    def encode(self, compression: str = "none") -> bytes:
+        body: dict[str, Any] = {"type": self.TYPE, "schema_version": self.schema_version}
+        for item in fields(self):  # type: ignore[arg-type]
+            if item.name == "schema_version":
+                continue
+            value = getattr(self, item.name)
+            body[item.name] = encode_tensors(value, compression) if item.name in self.TENSOR_FIELDS else _plain(value)
+        return msgpack.packb(body, use_bin_type=True)
+
+    @classmethod
+    def decode(cls: type[MessageT], data: bytes, limits: DecodeLimits = DecodeLimits()) -> MessageT:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise MalformedMessage(f"expected bytes, got {type(data).__name__}")
+        if len(data) > limits.max_message_bytes:
+            raise MessageTooLarge(f"{len(data)} bytes exceed the limit of {limits.max_message_bytes}")
+        try:
+            body = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+        except Exception as exc:  # msgpack raises many types for bad input; all mean the same to us
+            raise MalformedMessage(f"not a msgpack message ({type(exc).__name__}: {exc})") from None
+        if not isinstance(body, dict):
+            raise MalformedMessage(f"expected a msgpack map, got {type(body).__name__}")
+        message_type = body.pop("type", None)
+        if message_type != cls.TYPE:
+            raise UnknownSchemaVersion(f"expected message type {cls.TYPE!r}, got {message_type!r}", "type")
+        version = body.pop("schema_version", None)
+        if type(version) is not int or version != SCHEMA_VERSION:  # True == 1.0 == 1 in Python
+            raise UnknownSchemaVersion(
+                f"schema version {version!r} is not supported (this build speaks {SCHEMA_VERSION})",
+                "schema_version",
+            )
+        tensor_checks: dict[str, Check] = {
+            name: (lambda value, where: decode_tensors(value, where, limits.max_tensors)) for name in cls.TENSOR_FIELDS
+        }
+        values = _check_fields(body, {**cls.CHECKS, **tensor_checks}, "")
+        try:
+            return cls(**values)
+        except SchemaError:
+            raise
+        except (TypeError, ValueError) as exc:  # __post_init__ cross-field checks
+            raise FieldError(str(exc)) from None
+
+
+def now() -> float:
+    return time.time()
+
+
+def _tensor_map(value: Mapping[str, torch.Tensor]) -> Params:
+    return dict(value)
+
+
+@dataclass(frozen=True, eq=False)
+class GlobalModel(Message):
+    """One version of the global model and the training config every site must use with it."""
+
+    TYPE: ClassVar[str] = "global-model"
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("tensors",)
+
+    version: int
+    tensors: Params
+    training: TrainingConfig
+    fingerprint: ModelFingerprint
+    created_at: float = field(default_factory=now)
+    schema_version: int = SCHEMA_VERSION
+
+
+GlobalModel.CHECKS = {
+    "version": _count,
+    "training": _TRAINING_CONFIG,
+    "fingerprint": _FINGERPRINT,
+    "created_at": _finite_number,
+}
+
+
+@dataclass(frozen=True, eq=False)
+class ModelUpdate(Message):
+    """A site's local model minus the base version it trained from."""
+
+    TYPE: ClassVar[str] = "model-update"
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("delta",)
+
+    update_id: str
+    site_id: str
+    seq: int
+    base_version: int
+    num_examples: int
+    delta: Params
+    metrics: TrainingMetrics
+    created_at: float = field(default_factory=now)
+    schema_version: int = SCHEMA_VERSION
+
+    @staticmethod
+    def new_id() -> str:
+        return str(uuid.uuid4())
+
+
+ModelUpdate.CHECKS = {
+    "update_id": _uuid,
+    "site_id": _non_empty_string,
+    "seq": _count,
+    "base_version": _count,
+    "num_examples": _count,
+    "metrics": _TRAINING_METRICS,
+    "created_at": _finite_number,
+}
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    TYPE: ClassVar[str] = "heartbeat"
+
+    site_id: str
+    state: SiteState
+    agent_version: str
+    timestamp: float = field(default_factory=now)
+    schema_version: int = SCHEMA_VERSION
+
+
+Heartbeat.CHECKS = {
+    "site_id": _non_empty_string,
+    "state": _enum(SiteState),
+    "agent_version": _string,
+    "timestamp": _finite_number,
+}
+
+
+@dataclass(frozen=True)
+class EvalReport(Message):
+    """A site's evaluation of one global version on its own test split."""
+
+    TYPE: ClassVar[str] = "eval-report"
+
+    site_id: str
+    model_version: int
+    num_examples: int
+    metrics: dict[str, float]
+    created_at: float = field(default_factory=now)
+    schema_version: int = SCHEMA_VERSION
+
+
+EvalReport.CHECKS = {
+    "site_id": _non_empty_string,
+    "model_version": _count,
+    "num_examples": _count,
+    "metrics": _metrics,
+    "created_at": _finite_number,
+}
+
+
+@dataclass(frozen=True)
+class Control(Message):
+    TYPE: ClassVar[str] = "control"
+
+    command: ControlCommand
+    reason: str
+    issued_at: float = field(default_factory=now)
+    schema_version: int = SCHEMA_VERSION
+
+
+Control.CHECKS = {
+    "command": _enum(ControlCommand),
+    "reason": _string,
+    "issued_at": _finite_number,
+}
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (GlobalModel, ModelUpdate, Heartbeat, EvalReport, Control)
+
+
+def encode(message: Message, compression: str = "none") -> bytes:
+    return message.encode(compression)
+
+
+def decode(data: bytes, expected: type[MessageT], limits: DecodeLimits = DecodeLimits()) -> MessageT:
+    return expected.decode(data, limits)
