@@ -62,9 +62,7 @@ class ManagementClient:
         token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         self._authorization = f"Basic {token}"
 
-    def request(
-        self, method: str, path: str, body: Any = None, *, headers: dict[str, str] | None = None
-    ) -> Any:
+    def request(self, method: str, path: str, body: Any = None, *, headers: dict[str, str] | None = None) -> Any:
         """Send one request; return the decoded JSON answer (None when the answer is empty)."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(f"{self.base_url}/api/{path}", data=data, method=method)
@@ -177,9 +175,7 @@ class ManagementClient:
         return permissions
 
     def list_topic_permissions(self, vhost: str) -> list[dict[str, Any]]:
-        permissions: list[dict[str, Any]] = self.request(
-            "GET", f"vhosts/{_segment(vhost)}/topic-permissions"
-        )
+        permissions: list[dict[str, Any]] = self.request("GET", f"vhosts/{_segment(vhost)}/topic-permissions")
         return permissions
 
     # connections

@@ -131,8 +131,7 @@ def load_access(state_dir: Path) -> BrokerAccess:
     path = admin_file_path(state_dir)
     if not path.exists():
         raise BrokerNotConfigured(
-            f"no broker set up under {state_dir}: run `fedmq broker up` "
-            f"(or describe an existing broker in {path})"
+            f"no broker set up under {state_dir}: run `fedmq broker up` (or describe an existing broker in {path})"
         )
     raw = read_toml(path)
     admin = raw.get("admin", {})
@@ -438,8 +437,7 @@ class LocalNode:
         ):
             if not _port_is_free(settings.bind, port):
                 raise BrokerStartError(
-                    f"port {port} on {settings.bind} ({option}) is already in use: "
-                    f"pick another with --{option}-port"
+                    f"port {port} on {settings.bind} ({option}) is already in use: pick another with --{option}-port"
                 )
 
     def start(self, timeout: float = DEFAULT_START_TIMEOUT) -> bool:
@@ -510,28 +508,28 @@ class LocalNode:
         raise BrokerStartError(f"RabbitMQ started but does not accept logins: {last_error!r}")
 
     def _kill_process(self) -> None:
+        """Undo a failed start: the script and the Erlang VM share the new session's process group."""
         if self._process is None or self._process.poll() is not None:
             return
-        self._process.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, signal.SIGTERM)
         try:
             self._process.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            self._process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)
             self._process.wait()
 
     def _wait_until_gone(self, pid: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process is not None and self._process.pid == pid:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self._process.wait(timeout=0.2)
-                if self._process.poll() is not None:
-                    return True
-            elif not _process_alive(pid):
-                return True
-            else:
-                time.sleep(0.2)
-        return False
+        while _process_alive(pid) and self._is_our_node(pid):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+        if self._process is not None:  # reap the start script we launched (else it stays a zombie)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        return True
 
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> bool:
         """Stop the node cleanly (rabbitmqctl stop, else SIGTERM); return False if it was not running."""

@@ -200,8 +200,7 @@ def add_site(
             raise ProvisioningError(f"the broker already has a user {site_id!r} that is not a fedmq site")
         if not rotate_password:
             raise ProvisioningError(
-                f"site {site_id!r} exists already; use --rotate-password to issue a new password "
-                f"or remove-site first"
+                f"site {site_id!r} exists already; use --rotate-password to issue a new password or remove-site first"
             )
     password = generate_password()
     management.create_user(site_id, password, tags=[SITE_TAG])
@@ -241,9 +240,7 @@ def list_sites(management: ManagementClient, *, vhost: str, state_dir: Path) -> 
     """Sites with a user permitted in ``vhost`` and sites with a config file, sorted by id."""
     site_users = {user["name"] for user in management.list_users() if SITE_TAG in _user_tags(user)}
     permitted = (
-        {entry["user"] for entry in management.list_permissions(vhost)}
-        if vhost in management.list_vhosts()
-        else set()
+        {entry["user"] for entry in management.list_permissions(vhost)} if vhost in management.list_vhosts() else set()
     )
     sites_dir = state_dir / SITES_DIRNAME
     config_files = {path.stem: path for path in sites_dir.glob("*.toml")} if sites_dir.is_dir() else {}

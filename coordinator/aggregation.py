@@ -75,9 +75,7 @@ def _cast_like(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.round(value).to(dtype)
 
 
-def _check_compatible(
-    reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], what: str
-) -> None:
+def _check_compatible(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], what: str) -> None:
     """Name the first mismatch so a rejection reason is readable in the audit log."""
     if reference.keys() != other.keys():
         missing = sorted(set(reference) - set(other))
@@ -90,9 +88,7 @@ def _check_compatible(
             )
 
 
-def add_scaled(
-    base: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor], scale: float
-) -> Params:
+def add_scaled(base: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor], scale: float) -> Params:
     """``base + scale * direction`` as new tensors in ``base``'s dtypes (a delta applied to a model)."""
     _check_compatible(base, direction, "direction")
     result: Params = {}
@@ -149,9 +145,7 @@ def l2_norm(params: Mapping[str, torch.Tensor]) -> float:
 
 def _zeros_for(params: Mapping[str, torch.Tensor]) -> Params:
     """An accumulator in compute precision, shaped like the model."""
-    return {
-        name: torch.zeros(tensor.shape, dtype=_compute_dtype(tensor.dtype)) for name, tensor in params.items()
-    }
+    return {name: torch.zeros(tensor.shape, dtype=_compute_dtype(tensor.dtype)) for name, tensor in params.items()}
 
 
 def _clone_params(params: Mapping[str, torch.Tensor]) -> Params:
@@ -199,24 +193,18 @@ class StalenessFunction:
 
     def __post_init__(self) -> None:
         if self.kind not in STALENESS_KINDS:
-            raise AggregationError(
-                f"unknown staleness function {self.kind!r}; choose one of {STALENESS_KINDS}"
-            )
+            raise AggregationError(f"unknown staleness function {self.kind!r}; choose one of {STALENESS_KINDS}")
         defaults = _STALENESS_DEFAULTS[self.kind]
         for parameter in ("a", "b"):
             value = getattr(self, parameter)
             if parameter not in defaults:
                 if value is not None:
-                    raise AggregationError(
-                        f"staleness function {self.kind!r} takes no parameter {parameter!r}"
-                    )
+                    raise AggregationError(f"staleness function {self.kind!r} takes no parameter {parameter!r}")
                 continue
             if value is None:
                 value = defaults[parameter]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise AggregationError(
-                    f"staleness parameter {parameter} must be a finite number, got {value!r}"
-                )
+                raise AggregationError(f"staleness parameter {parameter} must be a finite number, got {value!r}")
             if value < 0:
                 raise AggregationError(f"staleness parameter {parameter} must be >= 0, got {value}")
             object.__setattr__(self, parameter, float(value))
@@ -324,9 +312,7 @@ class ServerOptimizer:
                 if self.kind == "adam":
                     second = self.beta2 * previous_second + (1.0 - self.beta2) * squared
                 elif self.kind == "yogi":
-                    second = previous_second - (1.0 - self.beta2) * squared * torch.sign(
-                        squared - previous_second
-                    )
+                    second = previous_second - (1.0 - self.beta2) * squared * torch.sign(previous_second - squared)
                 else:
                     second = previous_second + squared
                 second_moment[name] = second
@@ -343,9 +329,7 @@ class ServerOptimizer:
         if name in moments and moments[name].shape == like.shape:
             return moments[name].to(like.dtype)
         if moments:
-            raise AggregationError(
-                f"server optimiser state has no moment for {name!r} of shape {tuple(like.shape)}"
-            )
+            raise AggregationError(f"server optimiser state has no moment for {name!r} of shape {tuple(like.shape)}")
         return torch.full(like.shape, initial, dtype=like.dtype)
 
     def state_dict(self) -> dict[str, Any]:
@@ -391,9 +375,7 @@ class Contribution:
         if self.staleness < 0:
             raise AggregationError(f"update {self.update_id}: staleness must be >= 0, got {self.staleness}")
         if self.num_examples < 0:
-            raise AggregationError(
-                f"update {self.update_id}: num_examples must be >= 0, got {self.num_examples}"
-            )
+            raise AggregationError(f"update {self.update_id}: num_examples must be >= 0, got {self.num_examples}")
 
 
 class Strategy(ABC):
@@ -446,9 +428,7 @@ class Strategy(ABC):
         """Guard against a caller skipping :meth:`check`, which would double-count in a round."""
         reason = self.check(contribution, version)
         if reason is not None:
-            raise AggregationError(
-                f"update {contribution.update_id} was refused ({reason}); call check() first"
-            )
+            raise AggregationError(f"update {contribution.update_id} was refused ({reason}); call check() first")
 
 
 class FedAsync(Strategy):
@@ -523,9 +503,7 @@ class FedBuff(Strategy):
             self._update_ids.append(contribution.update_id)
             self._site_ids.append(contribution.site_id)
             return None
-        pseudo_gradient = add_scaled(
-            _zeros_for(weighted_sum), weighted_sum, 1.0 / (len(self._update_ids) + 1)
-        )
+        pseudo_gradient = add_scaled(_zeros_for(weighted_sum), weighted_sum, 1.0 / (len(self._update_ids) + 1))
         new_params = self.server_optimizer.step(global_params, pseudo_gradient)
         self._weighted_delta_sum, self._update_ids, self._site_ids = {}, [], []
         return new_params
@@ -644,8 +622,7 @@ class SyncFedAvg(Strategy):
         if self._update_ids and self._sites.issubset(self._site_ids):
             return self._aggregate(global_params, self._weighted_delta_sum, self._total_examples)
         timed_out = (
-            self.round_timeout_seconds is not None
-            and now - self._round_started_at >= self.round_timeout_seconds
+            self.round_timeout_seconds is not None and now - self._round_started_at >= self.round_timeout_seconds
         )
         if timed_out and len(self._update_ids) >= self.min_updates:
             return self._aggregate(global_params, self._weighted_delta_sum, self._total_examples)
@@ -673,9 +650,7 @@ class SyncFedAvg(Strategy):
         round_version = state.get("round_version")
         total_examples = state.get("total_examples")
         if not isinstance(round_version, int) or isinstance(round_version, bool) or round_version < -1:
-            raise AggregationError(
-                f"checkpoint field 'round_version' must be an integer >= -1, got {round_version!r}"
-            )
+            raise AggregationError(f"checkpoint field 'round_version' must be an integer >= -1, got {round_version!r}")
         if not isinstance(total_examples, int) or isinstance(total_examples, bool) or total_examples < 0:
             raise AggregationError(f"checkpoint field 'total_examples' must be >= 0, got {total_examples!r}")
         weighted_sum = _params_from_state(state.get("weighted_delta_sum"), "weighted_delta_sum")
@@ -763,9 +738,7 @@ def _staleness_from_params(params: Mapping[str, Any]) -> StalenessFunction | Non
     chosen = params.get("staleness")
     if isinstance(chosen, StalenessFunction):
         if "staleness_a" in params or "staleness_b" in params:
-            raise AggregationError(
-                "give staleness_a/staleness_b with a staleness name, not a StalenessFunction"
-            )
+            raise AggregationError("give staleness_a/staleness_b with a staleness name, not a StalenessFunction")
         return chosen
     if chosen is None:
         if "staleness_a" in params or "staleness_b" in params:

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +200,7 @@ class Coordinator:
         return GlobalModel(
             version=self.state.version,
             tensors=self.state.params,
-            training=self.config.training,
+            training=replace(self.config.training, train_on_same_version=self.strategy.name != "fedavg-sync"),
             fingerprint=self.fingerprint,
             created_at=self.clock(),
         )

@@ -60,6 +60,9 @@ class TrainingConfig:
     optimizer: str = "sgd"
     proximal_mu: float | None = None
     local_epochs: int | None = None
+    # Async strategies want a site to keep training when no newer model has arrived; a synchronous round
+    # takes one update per site and version, so there a site waits for the next version instead.
+    train_on_same_version: bool = True
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,12 @@ def _non_empty_string(value: object, name: str) -> str:
 def _count(value: object, name: str) -> int:
     if type(value) is not int or value < 0:
         raise FieldError(f"expected a non-negative int, got {value!r}", name)
+    return value
+
+
+def _boolean(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise FieldError(f"expected true or false, got {type(value).__name__}", name)
     return value
 
 
@@ -178,6 +187,7 @@ _TRAINING_CONFIG = _struct(
         "optimizer": _non_empty_string,
         "proximal_mu": _optional(_finite_number),
         "local_epochs": _optional(_count),
+        "train_on_same_version": _boolean,
     },
 )
 _FINGERPRINT = _struct(ModelFingerprint, {"task": _non_empty_string, "architecture": _non_empty_string})

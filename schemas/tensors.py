@@ -74,8 +74,7 @@ def raw_view(tensor: torch.Tensor) -> memoryview:
 def _encode_int8(tensor: torch.Tensor) -> dict[str, Any]:
     values = tensor.to(torch.float32)
     peak = float(values.abs().max()) if values.numel() else 0.0
-    # The scale is applied in float32; below the smallest normal float32 it would round to zero.
-    scale = max(peak / 127.0, FLOAT32_TINY) if peak > 0 else 1.0
+    scale = _int8_scale(peak)
     quantized = torch.clamp(torch.round(values / scale), -127, 127).to(torch.int8)
     return {
         "dtype": QUANTIZED_INT8,
@@ -83,6 +82,16 @@ def _encode_int8(tensor: torch.Tensor) -> dict[str, Any]:
         "data": raw_view(quantized),
         "scale": scale,
     }
+
+
+def _int8_scale(peak: float) -> float:
+    """The step as the float32 both sides apply: never zero, never so large that 127 steps overflow to inf."""
+    if peak <= 0:
+        return 1.0
+    scale = torch.tensor(max(peak / 127.0, FLOAT32_TINY), dtype=torch.float32)
+    while not bool(torch.isfinite(scale * 127)):
+        scale = torch.nextafter(scale, torch.zeros_like(scale))
+    return float(scale)
 
 
 def encode_tensors(tensors: Mapping[str, torch.Tensor], compression: str = "none") -> dict[str, Any]:

@@ -39,9 +39,7 @@ def option_path(options: Mapping[str, Any], key: str, default: Any = _MISSING) -
     return Path(value).expanduser()
 
 
-def option_int(
-    options: Mapping[str, Any], key: str, default: Any = _MISSING, minimum: int | None = None
-) -> Any:
+def option_int(options: Mapping[str, Any], key: str, default: Any = _MISSING, minimum: int | None = None) -> Any:
     value = _fetch(options, key, default)
     if value is default:
         return value

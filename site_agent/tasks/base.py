@@ -49,9 +49,7 @@ class SiteData:
             features: Tensor = getattr(self, f"{split}_features")
             labels: Tensor = getattr(self, f"{split}_labels")
             if features.shape[0] != labels.shape[0]:
-                raise TaskDataError(
-                    f"{split} split: {features.shape[0]} feature rows but {labels.shape[0]} labels"
-                )
+                raise TaskDataError(f"{split} split: {features.shape[0]} feature rows but {labels.shape[0]} labels")
 
     @property
     def num_train(self) -> int:
@@ -78,9 +76,7 @@ class TrainResult:
 def validate_training_config(config: TrainingConfig) -> None:
     """Reject a config that would make training silently do nothing or blow up, naming the field."""
     if config.optimizer not in SUPPORTED_OPTIMIZERS:
-        raise TaskConfigError(
-            f"optimizer: expected one of {list(SUPPORTED_OPTIMIZERS)}, got {config.optimizer!r}"
-        )
+        raise TaskConfigError(f"optimizer: expected one of {list(SUPPORTED_OPTIMIZERS)}, got {config.optimizer!r}")
     if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
         raise TaskConfigError(f"learning_rate: must be a positive number, got {config.learning_rate}")
     if config.batch_size < 1:
@@ -215,9 +211,7 @@ class Task(ABC):
         model.train()
         loss_sum = 0.0
         try:
-            for step, batch in enumerate(
-                minibatch_indices(data.num_train, config.batch_size, num_steps, generator)
-            ):
+            for step, batch in enumerate(minibatch_indices(data.num_train, config.batch_size, num_steps, generator)):
                 features = data.train_features[batch].to(device)
                 labels = data.train_labels[batch].to(device)
                 optimizer.zero_grad(set_to_none=True)
@@ -225,11 +219,11 @@ class Task(ABC):
                 objective = data_loss
                 if anchor:
                     squared_distance = sum(
-                        ((parameter - start).pow(2).sum() for parameter, start in zip(trainable, anchor)),
+                        ((parameter - start).pow(2).sum() for parameter, start in zip(trainable, anchor, strict=True)),
                         torch.zeros((), device=device),
                     )
                     objective = data_loss + (mu / 2.0) * squared_distance
-                objective.backward()  # type: ignore[no-untyped-call]
+                objective.backward()
                 optimizer.step()
                 loss_value = float(data_loss.detach())
                 if not math.isfinite(loss_value):

@@ -62,6 +62,7 @@ CHEST_PAIN_COLUMN, CHEST_PAIN_TYPES = 2, (1.0, 2.0, 3.0, 4.0)
 RESTING_ECG_COLUMN, RESTING_ECG_TYPES = 6, (0.0, 1.0, 2.0)
 DROPPED_COLUMNS = (10, 11, 12)
 LABEL_COLUMN = 13
+KEPT_COLUMNS = tuple(column for column in range(14) if column not in DROPPED_COLUMNS)
 FEATURE_NAMES = (
     "age",
     "sex",
@@ -132,12 +133,10 @@ def read_site_file(path: Path) -> tuple[NDArray[np.float32], NDArray[np.float32]
             raise TaskDataError(f"{where}: {exc}") from exc
         if any(math.isnan(value) for value in values):
             continue
-        record = dict(zip([c for c in range(14) if c not in DROPPED_COLUMNS], values))
+        record = dict(zip(KEPT_COLUMNS, values, strict=True))
         encoded = [record[column] for column in NUMERIC_COLUMNS]
         encoded += _one_hot_drop_first(record[CHEST_PAIN_COLUMN], CHEST_PAIN_TYPES, CHEST_PAIN_COLUMN, where)
-        encoded += _one_hot_drop_first(
-            record[RESTING_ECG_COLUMN], RESTING_ECG_TYPES, RESTING_ECG_COLUMN, where
-        )
+        encoded += _one_hot_drop_first(record[RESTING_ECG_COLUMN], RESTING_ECG_TYPES, RESTING_ECG_COLUMN, where)
         features.append(encoded)
         labels.append(0.0 if record[LABEL_COLUMN] == 0 else 1.0)
     if not features:
@@ -257,7 +256,7 @@ class HeartDiseaseModel(nn.Module):
         self.linear = nn.Linear(num_features, 1)
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.linear(features)  # type: ignore[no-any-return]
+        return self.linear(features)
 
 
 class HeartDiseaseTask(Task):

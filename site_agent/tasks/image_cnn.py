@@ -88,7 +88,7 @@ class SmallCnn(nn.Module):
         )
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.classifier(self.features(images))  # type: ignore[no-any-return]
+        return self.classifier(self.features(images))
 
 
 def load_npz_split(path: Path, split: str) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
@@ -122,18 +122,10 @@ def _scaled_channels_first(images: NDArray[np.uint8]) -> Tensor:
     """uint8 ``(N, H, W)`` or ``(N, H, W, C)`` -> float32 ``(N, C, H, W)`` in [0, 1]."""
     if images.ndim == 3:
         images = images[:, :, :, None]
-    return (
-        torch.from_numpy(np.ascontiguousarray(images))
-        .permute(0, 3, 1, 2)
-        .to(torch.float32)
-        .div_(255.0)
-        .contiguous()
-    )
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0).contiguous()
 
 
-def _read_partition_file(
-    path: Path, site: str, num_train: int, num_test: int
-) -> tuple[IndexArray, IndexArray | None]:
+def _read_partition_file(path: Path, site: str, num_train: int, num_test: int) -> tuple[IndexArray, IndexArray | None]:
     try:
         mapping = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -142,17 +134,11 @@ def _read_partition_file(
         known = sorted(mapping) if isinstance(mapping, dict) else []
         raise TaskDataError(f"partition file {path} has no entry for site {site!r}; sites in it: {known}")
     entry = mapping[site]
-    train_entry, test_entry = (
-        (entry.get("train"), entry.get("test")) if isinstance(entry, dict) else (entry, None)
-    )
+    train_entry, test_entry = (entry.get("train"), entry.get("test")) if isinstance(entry, dict) else (entry, None)
 
     def indices(values: Any, limit: int, what: str) -> IndexArray:
-        if not isinstance(values, list) or not all(
-            type(value) is int and 0 <= value < limit for value in values
-        ):
-            raise TaskDataError(
-                f"partition file {path}: {site!r} {what} must be a list of ints in [0, {limit})"
-            )
+        if not isinstance(values, list) or not all(type(value) is int and 0 <= value < limit for value in values):
+            raise TaskDataError(f"partition file {path}: {site!r} {what} must be a list of ints in [0, {limit})")
         if len(set(values)) != len(values):
             raise TaskDataError(f"partition file {path}: {site!r} {what} lists an index twice")
         return np.asarray(values, dtype=np.int64)
@@ -178,9 +164,7 @@ def _site_position(site: str, options: Mapping[str, Any]) -> tuple[int, int]:
             raise TaskConfigError("[task] num_sites is set: also give site_index or a sites list")
         return 0, 1
     if num_sites is None or site_index >= num_sites:
-        raise TaskConfigError(
-            f"[task] site_index = {site_index} needs num_sites > site_index, got {num_sites}"
-        )
+        raise TaskConfigError(f"[task] site_index = {site_index} needs num_sites > site_index, got {num_sites}")
     return site_index, num_sites
 
 
@@ -190,9 +174,7 @@ class ImageCnnTask(Task):
     name: ClassVar[str] = "image-cnn"
     eval_batch_size: ClassVar[int] = 512
 
-    def __init__(
-        self, *, num_classes: int, in_channels: int = 1, image_size: int = 28, hidden: int = 64
-    ) -> None:
+    def __init__(self, *, num_classes: int, in_channels: int = 1, image_size: int = 28, hidden: int = 64) -> None:
         for label, value, minimum in (
             ("num_classes", num_classes, 2),
             ("in_channels", in_channels, 1),
@@ -215,9 +197,7 @@ class ImageCnnTask(Task):
     def _check_fits(self, images: NDArray[np.uint8], labels: NDArray[np.int64], what: str) -> None:
         """Refuse images or labels that do not fit the architecture the federation agreed on."""
         if images.ndim not in (3, 4):
-            raise TaskDataError(
-                f"{what} images: expected (N, H, W) or (N, H, W, C), got shape {images.shape}"
-            )
+            raise TaskDataError(f"{what} images: expected (N, H, W) or (N, H, W, C), got shape {images.shape}")
         height, width = images.shape[1:3]
         channels = 1 if images.ndim == 3 else images.shape[3]
         if (height, width) != (self.image_size, self.image_size):
@@ -244,9 +224,7 @@ class ImageCnnTask(Task):
         partition_file = option_path(options, "partition_file", None)
         seed = option_int(options, "partition_seed", 0)
         if partition_file is not None:
-            train_indices, maybe_test = _read_partition_file(
-                partition_file, site, len(train_labels), len(test_labels)
-            )
+            train_indices, maybe_test = _read_partition_file(partition_file, site, len(train_labels), len(test_labels))
             test_indices = np.arange(len(test_labels)) if maybe_test is None else maybe_test
         else:
             site_index, num_sites = _site_position(site, options)

@@ -63,9 +63,7 @@ def _import_dotted(path: str) -> Any:
         try:
             target = getattr(target, attribute)
         except AttributeError as exc:
-            raise UnknownTaskError(
-                f"task {path!r}: {module_name!r} has no attribute {attribute_path!r}"
-            ) from exc
+            raise UnknownTaskError(f"task {path!r}: {module_name!r} has no attribute {attribute_path!r}") from exc
     return target
 
 
@@ -80,9 +78,7 @@ class TaskRegistry:
         if not name or ":" in name:
             raise TaskConfigError(f"task name {name!r}: must be non-empty and contain no ':'")
         if not callable(factory):
-            raise TaskConfigError(
-                f"task {name!r}: the factory must be callable, got {type(factory).__name__}"
-            )
+            raise TaskConfigError(f"task {name!r}: the factory must be callable, got {type(factory).__name__}")
         self._factories[name] = factory
 
     def available(self) -> list[str]:
@@ -110,7 +106,7 @@ class TaskRegistry:
             )
         if not callable(factory):
             raise UnknownTaskError(f"task {name!r} resolves to {factory!r}, which is not callable")
-        return factory  # type: ignore[no-any-return]
+        return factory
 
     def create(self, name: str, **kwargs: Any) -> Task:
         """Resolve ``name`` and call its factory with ``kwargs``; the result must be a ``Task``."""
@@ -123,9 +119,7 @@ class TaskRegistry:
             try:
                 signature.bind(**kwargs)
             except TypeError as exc:
-                raise TaskConfigError(
-                    f"task {name!r}: bad constructor arguments {sorted(kwargs)}: {exc}"
-                ) from exc
+                raise TaskConfigError(f"task {name!r}: bad constructor arguments {sorted(kwargs)}: {exc}") from exc
         task = factory(**kwargs)
         if not isinstance(task, Task):
             raise TaskConfigError(f"task {name!r}: factory returned {type(task).__name__}, not a Task")

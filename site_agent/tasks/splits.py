@@ -20,9 +20,7 @@ from site_agent.tasks.errors import TaskConfigError
 IndexArray = NDArray[np.int64]
 
 
-def _split_sizes(
-    num_samples: int, train_size: float | int | None, test_size: float | int | None
-) -> tuple[int, int]:
+def _split_sizes(num_samples: int, train_size: float | int | None, test_size: float | int | None) -> tuple[int, int]:
     """sklearn's ``_validate_shuffle_split``: a float fraction rounds the test size up and the train size down."""
     if train_size is None and test_size is None:
         test_size = 0.25
@@ -46,9 +44,7 @@ def _split_sizes(
     if num_test is None:
         num_test = num_samples - num_train
     if num_train + num_test > num_samples:
-        raise TaskConfigError(
-            f"train ({num_train}) + test ({num_test}) is more than the {num_samples} samples"
-        )
+        raise TaskConfigError(f"train ({num_train}) + test ({num_test}) is more than the {num_samples} samples")
     if num_train == 0:
         raise TaskConfigError(f"with {num_samples} samples the train split would be empty")
     return num_train, num_test
@@ -85,9 +81,7 @@ def train_test_split_indices(
     rng = np.random.RandomState(random_state)
     if stratify is None:
         permutation = rng.permutation(num_samples)
-        return permutation[num_test : num_test + num_train].astype(np.int64), permutation[:num_test].astype(
-            np.int64
-        )
+        return permutation[num_test : num_test + num_train].astype(np.int64), permutation[:num_test].astype(np.int64)
 
     labels = np.asarray(stratify)
     if labels.shape[0] != num_samples:
@@ -96,12 +90,8 @@ def train_test_split_indices(
     if class_counts.min() < 2:
         raise TaskConfigError("stratify: the least populated class has only 1 member")
     if num_train < len(classes) or num_test < len(classes):
-        raise TaskConfigError(
-            f"stratify: train and test need at least one sample of each of {len(classes)} classes"
-        )
-    class_indices = np.split(
-        np.argsort(label_indices.reshape(-1), kind="stable"), np.cumsum(class_counts)[:-1]
-    )
+        raise TaskConfigError(f"stratify: train and test need at least one sample of each of {len(classes)} classes")
+    class_indices = np.split(np.argsort(label_indices.reshape(-1), kind="stable"), np.cumsum(class_counts)[:-1])
     train_per_class = _approximate_mode(class_counts, num_train, rng)
     test_per_class = _approximate_mode(class_counts - train_per_class, num_test, rng)
     train: list[int] = []
@@ -120,16 +110,12 @@ def dirichlet_proportions(num_classes: int, num_sites: int, alpha: float, seed: 
     if not (math.isfinite(alpha) and alpha > 0):
         raise TaskConfigError(f"dirichlet_alpha: must be a positive number, got {alpha}")
     if num_sites < 1 or num_classes < 1:
-        raise TaskConfigError(
-            f"need at least one site and one class, got {num_sites} sites, {num_classes} classes"
-        )
+        raise TaskConfigError(f"need at least one site and one class, got {num_sites} sites, {num_classes} classes")
     rng = np.random.default_rng(seed)
     return rng.dirichlet(np.full(num_sites, alpha), size=num_classes)
 
 
-def partition_by_proportions(
-    labels: ArrayLike, proportions: NDArray[np.float64], seed: int
-) -> list[IndexArray]:
+def partition_by_proportions(labels: ArrayLike, proportions: NDArray[np.float64], seed: int) -> list[IndexArray]:
     """Split the indices of each class among sites in the given proportions; no site is left empty.
 
     Within a class the indices are shuffled, then cut at the rounded cumulative shares. If a site ends up with
@@ -138,13 +124,9 @@ def partition_by_proportions(
     label_array = np.asarray(labels).reshape(-1).astype(np.int64)
     num_classes, num_sites = proportions.shape
     if label_array.size < num_sites:
-        raise TaskConfigError(
-            f"cannot give {num_sites} sites at least one example each from {label_array.size}"
-        )
+        raise TaskConfigError(f"cannot give {num_sites} sites at least one example each from {label_array.size}")
     if label_array.size and (label_array.min() < 0 or label_array.max() >= num_classes):
-        raise TaskConfigError(
-            f"labels must lie in [0, {num_classes}), got [{label_array.min()}, {label_array.max()}]"
-        )
+        raise TaskConfigError(f"labels must lie in [0, {num_classes}), got [{label_array.min()}, {label_array.max()}]")
     rng = np.random.default_rng(seed)
     site_members: list[list[int]] = [[] for _ in range(num_sites)]
     for class_label in range(num_classes):

@@ -71,7 +71,9 @@ class TabularSpec:
                 "so every site encodes the same columns"
             )
         if not isinstance(raw_categorical, Mapping):
-            raise TaskConfigError(f"[task] categorical: expected a table of column -> categories, got {raw_categorical!r}")
+            raise TaskConfigError(
+                f"[task] categorical: expected a table of column -> categories, got {raw_categorical!r}"
+            )
         categorical: dict[str, tuple[str, ...]] = {}
         for column, categories in raw_categorical.items():
             if not isinstance(categories, (list, tuple)) or not categories:
@@ -175,7 +177,7 @@ def encode_table(table: CsvTable, spec: TabularSpec) -> EncodedTable:
     position = {name: index for index, name in enumerate(header)}
     used = [position[name] for name in (*features, spec.target)]
 
-    kept: list[tuple[int, Sequence[str]]] = []
+    kept: list[tuple[int, tuple[str, ...]]] = []
     for line_number, row in zip(table.line_numbers, table.rows, strict=True):
         gaps = [header[column] for column in used if row[column].lower() in MISSING_MARKERS]
         if not gaps:

@@ -110,12 +110,18 @@ def test_staleness_defaults_are_the_papers() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "params"),
-    [("cubic", {}), ("constant", {"a": 1.0}), ("polynomial", {"b": 2.0}), ("hinge", {"a": -1.0}), ("hinge", {"c": 1})],
+    ("name", "options", "message"),
+    [
+        ("cubic", {}, "unknown staleness function 'cubic'"),
+        ("constant", {"a": 1.0}, "'constant' takes no parameter 'a'"),
+        ("polynomial", {"b": 2.0}, "'polynomial' takes no parameter 'b'"),
+        ("hinge", {"a": -1.0}, "parameter a must be >= 0"),
+        ("hinge", {"c": 1.0}, "takes no parameters \\['c'\\]"),
+    ],
 )
-def test_bad_staleness_configuration_is_refused_by_name(name: str, params: dict[str, float]) -> None:
-    with pytest.raises(AggregationError, match=name if name == "cubic" else r"a|b|c"):
-        staleness_function(name, **params)
+def test_bad_staleness_configuration_is_refused_by_name(name: str, options: dict[str, float], message: str) -> None:
+    with pytest.raises(AggregationError, match=message):
+        staleness_function(name, **options)
 
 
 def test_negative_staleness_is_refused() -> None:
@@ -350,22 +356,37 @@ def test_adam_first_step_by_hand() -> None:
     assert after_first[0] == pytest.approx(0.1 * 0.1 / (math.sqrt(0.99e-6 + 0.01) + 1e-3), rel=1e-6)
 
 
-def test_site_share_cap_refuses_a_site_over_its_places_in_the_buffer() -> None:
-    strategy = FedBuff(buffer_size=10, max_site_share=0.3)  # ceil(0.3 * 10) = 3 places per site
+def test_fedbuff_refuses_a_misshapen_delta_and_keeps_its_buffer() -> None:
+    strategy = FedBuff(buffer_size=2)
     global_params = params(0.0, 0.0)
-    for index in range(3):
+    strategy.add(global_params, 0, contribution(params(2.0, 2.0), update_id="good-1"), global_params)
+
+    with pytest.raises(AggregationError, match="missing \\['w'\\], unexpected \\['v'\\]"):
+        strategy.add(global_params, 0, contribution({"v": torch.zeros(2)}, update_id="bad"), global_params)
+    buffered_after_refusal = strategy.buffered_update_ids()
+    new_params = strategy.add(global_params, 0, contribution(params(4.0, 0.0), update_id="good-2"), global_params)
+
+    assert buffered_after_refusal == ["good-1"]
+    assert values_of(new_params) == pytest.approx([3.0, 1.0])  # ([2, 2] + [4, 0]) / 2
+
+
+def test_site_share_cap_refuses_a_site_over_its_places_in_the_buffer() -> None:
+    # ceil(0.28 * 25) = 7 places per site, although 0.28 * 25 is 7.000000000000001 in floats
+    strategy = FedBuff(buffer_size=25, max_site_share=0.28)
+    global_params = params(0.0, 0.0)
+    for index in range(7):
         update = contribution(params(1.0, 1.0), update_id=f"a{index}")
         assert strategy.check(update, 0) is None
         strategy.add(global_params, 0, update, global_params)
 
-    fourth = contribution(params(1.0, 1.0), update_id="a3")
+    eighth = contribution(params(1.0, 1.0), update_id="a7")
     other_site = contribution(params(1.0, 1.0), site_id="site-b", update_id="b0")
 
-    assert strategy.check(fourth, 0) == "site-share"
+    assert strategy.check(eighth, 0) == "site-share"
     assert strategy.check(other_site, 0) is None
     with pytest.raises(AggregationError, match="site-share"):
-        strategy.add(global_params, 0, fourth, global_params)
-    assert strategy.buffered_update_ids() == ["a0", "a1", "a2"]
+        strategy.add(global_params, 0, eighth, global_params)
+    assert strategy.buffered_update_ids() == [f"a{index}" for index in range(7)]
 
 
 def test_site_share_cap_resets_when_the_buffer_is_applied() -> None:

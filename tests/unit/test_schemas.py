@@ -729,7 +729,7 @@ def test_int8_compression_quarters_the_size_with_error_at_most_half_a_step() -> 
         assert scale == pytest.approx(float(tensor.abs().max()) / 127, rel=1e-6)
         assert decoded[name].dtype == torch.float32
         error = (decoded[name] - tensor).abs().max().item()
-        assert error <= scale / 2 * (1 + 1e-5)
+        assert error <= scale * (0.5 + 1e-4)  # half a step, plus float32 rounding
 
 
 def test_compression_leaves_integer_tensors_exact() -> None:

@@ -1,0 +1,320 @@
+"""The site agent: take the newest global model, evaluate it, train on local data, send the delta. Repeat.
+
+Two threads. The I/O thread owns the broker connection (``Transport``): it receives models and control
+messages, acks them at once (a delivery is never held while training: RabbitMQ would close a channel that holds
+one past its consumer timeout), and publishes what the worker produced. The worker thread evaluates and trains;
+it never touches the connection. Whatever the worker finished waits in the outbox until the broker confirmed it,
+so a dropped connection loses no finished training: the update is re-sent with the same ``update_id`` and the
+coordinator drops it if it had already applied it.
+
+Only ``schemas`` messages leave the site: model deltas, training metrics and evaluation metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from broker.topology import Exchange, Kind, routing_key, site_control_queue, site_inbox
+from broker.transport import Delivery, PublishRefused, Transport
+from schemas import (
+    Control,
+    ControlCommand,
+    EvalReport,
+    GlobalModel,
+    Heartbeat,
+    Message,
+    ModelUpdate,
+    SchemaError,
+    SiteState,
+    TrainingMetrics,
+)
+from site_agent.tasks.base import SiteData, Task, architecture_digest
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    exchange: str
+    routing_key: str
+    body: bytes
+    message_id: str
+    description: str
+
+
+class UpdateCounter:
+    """The per-site ``seq``, strictly increasing across restarts: persisted before each use."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last = json.loads(path.read_text())["last_seq"] if path.exists() else 0
+
+    def next(self) -> int:
+        self.last += 1
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"last_seq": self.last}))
+        os.replace(temporary, self.path)
+        return self.last
+
+
+class LocalTrainer:
+    """Evaluation and training on this site's data. Runs on the worker thread; knows nothing of the broker."""
+
+    def __init__(
+        self,
+        site_id: str,
+        task: Task,
+        data: SiteData,
+        *,
+        seed: int = 0,
+        slowdown: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.site_id = site_id
+        self.task = task
+        self.data = data
+        self.seed = seed
+        self.slowdown = slowdown
+        self.sleep = sleep
+        self.model = task.build_model()
+        self.architecture = architecture_digest(self.model)
+
+    def refusal(self, model: GlobalModel) -> str | None:
+        """Why this site cannot use ``model`` (another task or architecture), or None."""
+        if model.fingerprint.task != self.task.name or model.fingerprint.architecture != self.architecture:
+            return (
+                f"model v{model.version} is for task {model.fingerprint.task!r} "
+                f"(architecture {model.fingerprint.architecture[:12]}), this site runs {self.task.name!r} "
+                f"(architecture {self.architecture[:12]})"
+            )
+        return None
+
+    def _load(self, model: GlobalModel) -> None:
+        self.model.load_state_dict({name: tensor.clone() for name, tensor in model.tensors.items()})
+
+    def evaluate(self, model: GlobalModel) -> EvalReport:
+        self._load(model)
+        metrics = self.task.evaluate(self.model, self.data)
+        metrics.pop("num_examples", None)
+        return EvalReport(
+            site_id=self.site_id, model_version=model.version, num_examples=self.data.num_test, metrics=metrics
+        )
+
+    def train(self, model: GlobalModel, seq: int, compression_note: str = "") -> ModelUpdate:
+        started = time.perf_counter()
+        self._load(model)
+        digest = hashlib.sha256(f"{self.seed}:{self.site_id}:{seq}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        result = self.task.train(self.model, self.data, model.training, generator)
+        local = self.model.state_dict()
+        delta = {name: (local[name].detach() - base).contiguous() for name, base in model.tensors.items()}
+        busy = time.perf_counter() - started
+        if self.slowdown > 1.0:
+            self.sleep(busy * (self.slowdown - 1.0))
+        return ModelUpdate(
+            update_id=ModelUpdate.new_id(),
+            site_id=self.site_id,
+            seq=seq,
+            base_version=model.version,
+            num_examples=result.num_examples,
+            delta=delta,
+            metrics=TrainingMetrics(loss=result.loss, steps=result.steps, seconds=time.perf_counter() - started),
+        )
+
+
+class SiteAgent:
+    """The I/O-thread side: receive, decide what the worker does next, publish results. One instance per site."""
+
+    def __init__(
+        self,
+        trainer: LocalTrainer,
+        counter: UpdateCounter,
+        *,
+        heartbeat_seconds: float = 5.0,
+        compression: str = "none",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.trainer = trainer
+        self.site_id = trainer.site_id
+        self.counter = counter
+        self.heartbeat_seconds = heartbeat_seconds
+        self.compression = compression
+        self.clock = clock
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{self.site_id}")
+        self.outbox: deque[Outgoing] = deque()
+        self.latest: GlobalModel | None = None
+        self.evaluated_version: int | None = None
+        self.trained_version: int | None = None
+        self.job: Future[Message] | None = None
+        self.job_kind = ""
+        self.job_started = 0.0
+        self.last_job_seconds = 0.0
+        self.idle_since = clock()
+        self.paused = False
+        self.stopped = False
+        self.stop_reason = ""
+        self.last_heartbeat = float("-inf")
+        self.updates_sent = 0
+        self.transport: Transport | None = None
+
+    # ------------------------------------------------------------------------------------------------ broker
+    def attach(self, transport: Transport) -> None:
+        self.transport = transport
+        transport.consume(site_inbox(self.site_id), self.on_model, prefetch=1)
+        transport.consume(site_control_queue(self.site_id), self.on_control, prefetch=10)
+        self.last_heartbeat = float("-inf")
+
+    def on_model(self, delivery: Delivery) -> None:
+        """Decode, keep as the newest model, ack. Training happens later, on the worker."""
+        assert self.transport is not None
+        try:
+            model = GlobalModel.decode(delivery.body)
+        except SchemaError as exc:
+            log.error("ignored an undecodable global model: %s", exc)
+            model = None
+        self.transport.ack(delivery)
+        if model is None:
+            return
+        refusal = self.trainer.refusal(model)
+        if refusal:
+            log.error("refusing model: %s", refusal)
+            return
+        if self.latest is None or model.version >= self.latest.version:
+            self.latest = model
+            log.info("model v%d received", model.version)
+
+    def on_control(self, delivery: Delivery) -> None:
+        assert self.transport is not None
+        try:
+            control = Control.decode(delivery.body)
+        except SchemaError as exc:
+            log.error("ignored an undecodable control message: %s", exc)
+            control = None
+        self.transport.ack(delivery)
+        if control is None:
+            return
+        log.info("control: %s (%s)", control.command.value, control.reason or "no reason given")
+        if control.command is ControlCommand.STOP:
+            self.stopped, self.stop_reason = True, control.reason
+        elif control.command is ControlCommand.PAUSE:
+            self.paused = True
+        elif control.command is ControlCommand.RESUME:
+            self.paused = False
+
+    # ----------------------------------------------------------------------------------------------- the loop
+    def step(self) -> None:
+        """One turn of the I/O loop: collect the worker's result, start the next job, publish, heartbeat."""
+        self._collect()
+        self._schedule()
+        self._flush_outbox()
+        self._heartbeat()
+
+    def _collect(self) -> None:
+        if self.job is None or not self.job.done():
+            return
+        job, kind = self.job, self.job_kind
+        self.job = None
+        self.last_job_seconds = self.clock() - self.job_started
+        self.idle_since = self.clock()
+        try:
+            message = job.result()
+        except Exception as exc:  # a task's bug or diverged training must not kill the agent
+            log.error("%s failed: %s", kind, exc)
+            if kind == "training" and self.latest is not None:
+                self.trained_version = self.latest.version
+            return
+        if isinstance(message, EvalReport):
+            self.evaluated_version = message.model_version
+            log.info(
+                "evaluation of v%d: %s", message.model_version,
+                ", ".join(f"{name} {value:.3f}" for name, value in sorted(message.metrics.items())),
+            )
+            self.outbox.append(
+                Outgoing(Exchange.STATUS.value, routing_key(self.site_id, Kind.EVAL), message.encode(),
+                         f"eval-{message.model_version}", f"evaluation of v{message.model_version}")
+            )
+        elif isinstance(message, ModelUpdate):
+            self.trained_version = message.base_version
+            log.info(
+                "trained %d steps on v%d in %.2f s (loss %.4f)",
+                message.metrics.steps, message.base_version, message.metrics.seconds, message.metrics.loss,
+            )
+            self.outbox.append(
+                Outgoing(Exchange.UPDATES.value, routing_key(self.site_id, Kind.UPDATE),
+                         message.encode(self.compression), message.update_id,
+                         f"update seq {message.seq} on v{message.base_version}")
+            )
+
+    def _schedule(self) -> None:
+        if self.job is not None or self.latest is None or self.paused or self.stopped:
+            return
+        model = self.latest
+        if model.version != self.evaluated_version:
+            self._submit("evaluation", lambda: self.trainer.evaluate(model))
+            return
+        retrain = model.training.train_on_same_version and self.clock() - self.idle_since >= max(
+            self.last_job_seconds, 0.05
+        )
+        if model.version != self.trained_version or retrain:
+            seq = self.counter.next()
+            self._submit("training", lambda: self.trainer.train(model, seq))
+
+    def _submit(self, kind: str, job: Callable[[], Message]) -> None:
+        self.job_kind = kind
+        self.job_started = self.clock()
+        self.job = self.executor.submit(job)
+
+    def _flush_outbox(self) -> None:
+        assert self.transport is not None
+        while self.outbox:
+            outgoing = self.outbox[0]
+            try:
+                self.transport.publish(
+                    outgoing.exchange, outgoing.routing_key, outgoing.body,
+                    user_id=self.site_id, message_id=outgoing.message_id,
+                )
+            except PublishRefused as exc:
+                log.error("broker refused %s: %s; dropping it", outgoing.description, exc)
+            else:
+                if outgoing.exchange == Exchange.UPDATES.value:
+                    self.updates_sent += 1
+                log.info("%s sent", outgoing.description)
+            self.outbox.popleft()  # only after the broker confirmed (or definitively refused) it
+
+    def state(self) -> SiteState:
+        if self.paused:
+            return SiteState.PAUSED
+        if self.job is not None:
+            return SiteState.TRAINING if self.job_kind == "training" else SiteState.EVALUATING
+        return SiteState.IDLE
+
+    def _heartbeat(self) -> None:
+        assert self.transport is not None
+        if self.clock() - self.last_heartbeat < self.heartbeat_seconds:
+            return
+        heartbeat = Heartbeat(site_id=self.site_id, state=self.state(), agent_version=AGENT_VERSION)
+        try:
+            self.transport.publish(
+                Exchange.STATUS.value, routing_key(self.site_id, Kind.HEARTBEAT), heartbeat.encode(),
+                user_id=self.site_id,
+            )
+        except PublishRefused as exc:
+            log.error("broker refused a heartbeat: %s", exc)
+        self.last_heartbeat = self.clock()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)

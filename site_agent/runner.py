@@ -1,0 +1,74 @@
+"""Run a site agent against RabbitMQ: connect outbound, reconnect with backoff, stop when told to.
+
+The agent opens one outbound connection and no listening port. When the broker is unreachable or the connection
+drops, ``run_reconnecting`` retries with capped, jittered backoff; the agent object (its outbox, its worker and
+the model it holds) lives across connections, so nothing finished is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from broker.pika_transport import ConnectionSettings, PikaTransport, run_reconnecting
+from broker.transport import PublishRefused, TransportConnectionError
+from site_agent.agent import LocalTrainer, SiteAgent, UpdateCounter
+from site_agent.config import SiteConfig
+from site_agent.tasks.registry import task_from_options
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.1
+
+
+def build_agent(config: SiteConfig) -> SiteAgent:
+    task = task_from_options(config.task)
+    data = task.load_data(config.site_id, config.task)
+    log.info(
+        "site %s: task %s, %d training and %d test examples (they stay here)",
+        config.site_id, task.name, data.num_train, data.num_test,
+    )
+    trainer = LocalTrainer(
+        config.site_id, task, data, seed=config.agent.seed, slowdown=config.agent.slowdown
+    )
+    counter = UpdateCounter(config.state_dir / f"{config.site_id}.agent-state.json")
+    return SiteAgent(
+        trainer, counter, heartbeat_seconds=config.agent.heartbeat_seconds, compression=config.agent.compression
+    )
+
+
+def connection_settings(config: SiteConfig) -> ConnectionSettings:
+    return ConnectionSettings(
+        url=config.broker_url,
+        ca_file=config.ca_file,
+        cert_file=config.cert_file,
+        key_file=config.key_file,
+        connection_name=f"fedmq-site-{config.site_id}",
+    )
+
+
+def run(config: SiteConfig, agent: SiteAgent, stop: threading.Event) -> None:
+    settings = connection_settings(config)
+
+    def session(transport: PikaTransport) -> None:
+        try:
+            agent.attach(transport)
+        except PublishRefused as exc:  # e.g. the inbox is not declared yet: wait for provisioning
+            raise TransportConnectionError(f"cannot read this site's queues yet: {exc}") from exc
+        log.info("connected; waiting for the global model")
+        while not stop.is_set() and not agent.stopped:
+            transport.poll(POLL_SECONDS)
+            agent.step()
+        agent.step()  # send what is finished before leaving
+
+    try:
+        run_reconnecting(
+            settings, session, should_stop=lambda: stop.is_set() or agent.stopped,
+            max_wait_seconds=config.agent.reconnect_max_wait_seconds,
+        )
+    finally:
+        agent.close()
+    if agent.stopped:
+        log.info("stopped by the coordinator (%s) after sending %d updates", agent.stop_reason, agent.updates_sent)
+    else:
+        log.info("site agent closed after sending %d updates", agent.updates_sent)

@@ -1,0 +1,180 @@
+"""The local node, declaring and provisioning, as an operator uses them (through the CLI where it matters)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pika
+import pika.exceptions
+import pytest
+
+from broker import topology
+from broker.declare import declare_topology_at
+from broker.errors import DeclarationError, ProvisioningError
+from broker.node import LocalNode
+from broker.provisioning import add_site, read_broker_url
+from broker.topology import Exchange, Kind, Queue
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import BrokerEnv
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_fedmq(state_dir: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """The real command line, in a fresh process, as an operator types it."""
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "fedmq.cli", "--state-dir", str(state_dir), "broker", *arguments],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": python_path},
+        timeout=240,
+        check=False,
+    )
+
+
+def beam_processes_under(directory: Path) -> list[int]:
+    """Erlang VMs whose command line mentions ``directory`` (our node runs with HOME there)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            arguments = cmdline.read_bytes().split(b"\0")
+            if arguments and arguments[0].endswith(b"beam.smp") and str(directory).encode() in arguments:
+                pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def test_operator_runs_a_node_and_provisions_a_hospital_through_the_cli(
+    tmp_path: Path, free_tcp_ports: Callable[[int], list[int]]
+) -> None:
+    # Prepare
+    state_dir = tmp_path / "state"
+    amqp, dist, management, prometheus = free_tcp_ports(4)
+    ports = ["--amqp-port", str(amqp), "--dist-port", str(dist)]
+    ports += ["--management-port", str(management), "--prometheus-port", str(prometheus)]
+    try:
+        # Execute / Assert: up prints where everything is
+        up = run_fedmq(state_dir, "up", *ports)
+        assert up.returncode == 0, up.stderr
+        assert f"amqp://fedmq-coordinator:****@127.0.0.1:{amqp}/fedmq" in up.stdout
+        assert f"http://127.0.0.1:{management}" in up.stdout
+        assert f"http://127.0.0.1:{prometheus}/metrics" in up.stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{prometheus}/metrics", timeout=10) as response:
+            assert b"rabbitmq_" in response.read()
+        status = run_fedmq(state_dir, "status")
+        assert status.returncode == 0 and "is running" in status.stdout, status.stdout + status.stderr
+
+        # add-site writes a private config file whose URL logs in
+        added = run_fedmq(state_dir, "add-site", "hospital-a")
+        assert added.returncode == 0, added.stderr
+        config_path = Path(added.stdout.strip())
+        assert config_path == state_dir / "sites" / "hospital-a.toml"
+        assert stat.S_IMODE(config_path.stat().st_mode) == 0o600
+        site_url = read_broker_url(config_path)
+        assert site_url.startswith(f"amqp://hospital-a:") and site_url.endswith(f"@127.0.0.1:{amqp}/fedmq")
+        pika.BlockingConnection(pika.URLParameters(site_url)).close()
+
+        listing = run_fedmq(state_dir, "list-sites")
+        assert listing.returncode == 0, listing.stderr
+        assert any(line.split()[:2] == ["hospital-a", "ok"] for line in listing.stdout.splitlines())
+
+        removed = run_fedmq(state_dir, "remove-site", "hospital-a")
+        assert removed.returncode == 0, removed.stderr
+        assert not config_path.exists()
+        with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+            pika.BlockingConnection(pika.URLParameters(site_url))
+
+        down = run_fedmq(state_dir, "down")
+        assert down.returncode == 0, down.stderr
+        assert run_fedmq(state_dir, "status").returncode == 3
+        assert beam_processes_under(state_dir) == []
+    finally:
+        with contextlib.suppress(Exception):
+            LocalNode.from_state_dir(state_dir).stop()
+
+
+def test_starting_a_running_node_again_reports_it_instead_of_starting_twice(broker_node: LocalNode) -> None:
+    # Execute
+    started = broker_node.start()
+
+    # Assert
+    assert started is False
+    assert broker_node.status().running
+    assert len(beam_processes_under(broker_node.broker_dir)) == 1
+
+
+def test_declaring_twice_is_harmless(broker_env: BrokerEnv) -> None:
+    # Prepare: a provisioned site, one update waiting for the coordinator
+    broker_env.add_site("hospital-a")
+    channel = broker_env.connect(broker_env.coordinator_url).channel()
+    channel.confirm_delivery()
+    channel.basic_publish(Exchange.UPDATES.value, topology.routing_key("hospital-a", Kind.UPDATE), b"update")
+    queues_before = {queue.name: queue.arguments for queue in broker_env.management.list_queues(broker_env.vhost)}
+
+    # Execute
+    declare_topology_at(broker_env.coordinator_url, ["hospital-a"])
+    declare_topology_at(broker_env.coordinator_url, ["hospital-a"])
+
+    # Assert: same queues with the same arguments, the waiting update kept, one binding per rule
+    queues_after = {queue.name: queue.arguments for queue in broker_env.management.list_queues(broker_env.vhost)}
+    assert queues_after == queues_before
+    assert set(queues_after) == {queue.name for queue in topology.SHARED_QUEUES} | {
+        queue.name for queue in topology.site_queues("hospital-a")
+    }
+    assert broker_env.message_count(Queue.COORDINATOR_UPDATES.value) == 1
+    bindings = broker_env.management.request(
+        "GET", f"exchanges/{broker_env.vhost}/{Exchange.MODELS.value}/bindings/source"
+    )
+    assert len(bindings) == len(
+        [b for b in topology.site_bindings("hospital-a") if b.exchange == Exchange.MODELS.value]
+    )
+
+
+def test_declaring_over_a_queue_with_other_arguments_names_the_conflict(broker_env: BrokerEnv) -> None:
+    # Prepare: someone created the dead-letter queue as a classic queue
+    channel = broker_env.connect(broker_env.admin_url).channel()
+    channel.queue_delete(Queue.DEAD_LETTERS.value)
+    channel.queue_declare(Queue.DEAD_LETTERS.value, durable=True)
+
+    # Execute / Assert
+    with pytest.raises(DeclarationError, match="406"):
+        declare_topology_at(broker_env.coordinator_url)
+
+
+def test_adding_an_existing_site_is_refused_unless_the_password_is_rotated(broker_env: BrokerEnv) -> None:
+    # Prepare
+    old = broker_env.add_site("hospital-a")
+
+    def provision_again(*, rotate_password: bool) -> Path:
+        return add_site(
+            broker_env.management,
+            site_id="hospital-a",
+            amqp_host=broker_env.access.amqp_host,
+            amqp_port=broker_env.access.amqp_port,
+            vhost=broker_env.vhost,
+            state_dir=broker_env.state_dir,
+            rotate_password=rotate_password,
+        )
+
+    # Execute / Assert: refused, and the old password still works
+    with pytest.raises(ProvisioningError, match="exists already"):
+        provision_again(rotate_password=False)
+    assert read_broker_url(old.config_path) == old.url
+
+    # Execute / Assert: rotated, the new URL logs in and the old one no longer does
+    path = provision_again(rotate_password=True)
+    new_url = read_broker_url(path)
+    assert new_url != old.url
+    broker_env.connect(new_url)
+    with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+        pika.BlockingConnection(pika.URLParameters(old.url))
