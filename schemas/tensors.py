@@ -53,10 +53,12 @@ def encode_tensor(tensor: torch.Tensor, compression: str = "none") -> dict[str, 
     if compression != "none" and tensor.is_floating_point():
         if compression == "float16":
             tensor = tensor.to(torch.float16)
-        elif bool(torch.isfinite(tensor.to(torch.float32)).all()):
-            return _encode_int8(tensor)
-        # int8 would turn NaN/inf (or float64 beyond float32) into ordinary numbers and hide them from
-        # first_non_finite: such a tensor travels uncompressed.
+        else:
+            quantized = _encode_int8(tensor)
+            if quantized is not None:
+                return quantized
+            # int8 would turn NaN/inf (or float64 beyond float32) into ordinary numbers and hide them from
+            # first_non_finite: such a tensor travels uncompressed.
     if tensor.dtype not in DTYPE_NAMES:
         raise TensorError(f"unsupported dtype {tensor.dtype}")
     return {
@@ -71,11 +73,16 @@ def raw_view(tensor: torch.Tensor) -> memoryview:
     return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
-def _encode_int8(tensor: torch.Tensor) -> dict[str, Any]:
+def _encode_int8(tensor: torch.Tensor) -> dict[str, Any] | None:
+    """None when the tensor holds a value int8 cannot carry (NaN, inf, beyond float32)."""
     values = tensor.to(torch.float32)
-    peak = float(values.abs().max()) if values.numel() else 0.0
-    scale = _int8_scale(peak)
-    quantized = torch.clamp(torch.round(values / scale), -127, 127).to(torch.int8)
+    lowest, highest = _extremes(values)
+    if not (math.isfinite(lowest) and math.isfinite(highest)):
+        return None
+    scale = _int8_scale(max(-lowest, highest))
+    scaled = values / scale  # a new tensor: ``values`` may be the caller's own
+    scaled.round_().clamp_(-127, 127)  # in place: the out-of-place chain is ~5x slower on 11M values
+    quantized = scaled.to(torch.int8)
     return {
         "dtype": QUANTIZED_INT8,
         "shape": list(tensor.shape),
@@ -152,7 +159,7 @@ def decode_tensor(encoded: object, field: str) -> torch.Tensor:
         scale = encoded["scale"]
         if type(scale) is not float or not math.isfinite(scale) or scale <= 0:
             raise TensorError(f"scale must be a positive finite float, got {scale!r}", f"{field}.scale")
-        return tensor.to(torch.float32) * scale
+        return tensor.to(torch.float32).mul_(scale)  # the one copy, scaled in place
     return tensor
 
 
@@ -169,10 +176,19 @@ def decode_tensors(encoded: object, field: str, max_tensors: int) -> Params:
     return tensors
 
 
+def _extremes(tensor: torch.Tensor) -> tuple[float, float]:
+    """Smallest and largest value in one pass; both are NaN-propagating, so NaN or inf shows in them."""
+    if tensor.numel() == 0:
+        return 0.0, 0.0
+    lowest, highest = torch.aminmax(tensor)
+    return float(lowest), float(highest)
+
+
 def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
     """The name of the first floating-point tensor holding NaN or +/-inf, or None when all are finite."""
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        # aminmax rather than isfinite().all(): same answer, about ten times faster on CPU.
+        if tensor.is_floating_point() and not all(map(math.isfinite, _extremes(tensor))):
             return name
     return None
 

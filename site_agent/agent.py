@@ -240,23 +240,36 @@ class SiteAgent:
         if isinstance(message, EvalReport):
             self.evaluated_version = message.model_version
             log.info(
-                "evaluation of v%d: %s", message.model_version,
+                "evaluation of v%d: %s",
+                message.model_version,
                 ", ".join(f"{name} {value:.3f}" for name, value in sorted(message.metrics.items())),
             )
             self.outbox.append(
-                Outgoing(Exchange.STATUS.value, routing_key(self.site_id, Kind.EVAL), message.encode(),
-                         f"eval-{message.model_version}", f"evaluation of v{message.model_version}")
+                Outgoing(
+                    Exchange.STATUS.value,
+                    routing_key(self.site_id, Kind.EVAL),
+                    message.encode(),
+                    f"eval-{message.model_version}",
+                    f"evaluation of v{message.model_version}",
+                )
             )
         elif isinstance(message, ModelUpdate):
             self.trained_version = message.base_version
             log.info(
                 "trained %d steps on v%d in %.2f s (loss %.4f)",
-                message.metrics.steps, message.base_version, message.metrics.seconds, message.metrics.loss,
+                message.metrics.steps,
+                message.base_version,
+                message.metrics.seconds,
+                message.metrics.loss,
             )
             self.outbox.append(
-                Outgoing(Exchange.UPDATES.value, routing_key(self.site_id, Kind.UPDATE),
-                         message.encode(self.compression), message.update_id,
-                         f"update seq {message.seq} on v{message.base_version}")
+                Outgoing(
+                    Exchange.UPDATES.value,
+                    routing_key(self.site_id, Kind.UPDATE),
+                    message.encode(self.compression),
+                    message.update_id,
+                    f"update seq {message.seq} on v{message.base_version}",
+                )
             )
 
     def _schedule(self) -> None:
@@ -284,8 +297,11 @@ class SiteAgent:
             outgoing = self.outbox[0]
             try:
                 self.transport.publish(
-                    outgoing.exchange, outgoing.routing_key, outgoing.body,
-                    user_id=self.site_id, message_id=outgoing.message_id,
+                    outgoing.exchange,
+                    outgoing.routing_key,
+                    outgoing.body,
+                    user_id=self.site_id,
+                    message_id=outgoing.message_id,
                 )
             except PublishRefused as exc:
                 log.error("broker refused %s: %s; dropping it", outgoing.description, exc)
@@ -309,7 +325,9 @@ class SiteAgent:
         heartbeat = Heartbeat(site_id=self.site_id, state=self.state(), agent_version=AGENT_VERSION)
         try:
             self.transport.publish(
-                Exchange.STATUS.value, routing_key(self.site_id, Kind.HEARTBEAT), heartbeat.encode(),
+                Exchange.STATUS.value,
+                routing_key(self.site_id, Kind.HEARTBEAT),
+                heartbeat.encode(),
                 user_id=self.site_id,
             )
         except PublishRefused as exc:

@@ -49,6 +49,7 @@ class AgentSettings:
     compression: str = "none"
     state_dir: str = ""
     reconnect_max_wait_seconds: float = 30.0
+    threads: int = 1  # torch CPU threads for local training
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 
+import torch
+
 from broker.pika_transport import ConnectionSettings, PikaTransport, run_reconnecting
 from broker.transport import PublishRefused, TransportConnectionError
 from site_agent.agent import LocalTrainer, SiteAgent, UpdateCounter
@@ -22,15 +24,17 @@ POLL_SECONDS = 0.1
 
 
 def build_agent(config: SiteConfig) -> SiteAgent:
+    torch.set_num_threads(config.agent.threads)
     task = task_from_options(config.task)
     data = task.load_data(config.site_id, config.task)
     log.info(
         "site %s: task %s, %d training and %d test examples (they stay here)",
-        config.site_id, task.name, data.num_train, data.num_test,
+        config.site_id,
+        task.name,
+        data.num_train,
+        data.num_test,
     )
-    trainer = LocalTrainer(
-        config.site_id, task, data, seed=config.agent.seed, slowdown=config.agent.slowdown
-    )
+    trainer = LocalTrainer(config.site_id, task, data, seed=config.agent.seed, slowdown=config.agent.slowdown)
     counter = UpdateCounter(config.state_dir / f"{config.site_id}.agent-state.json")
     return SiteAgent(
         trainer, counter, heartbeat_seconds=config.agent.heartbeat_seconds, compression=config.agent.compression
@@ -63,7 +67,9 @@ def run(config: SiteConfig, agent: SiteAgent, stop: threading.Event) -> None:
 
     try:
         run_reconnecting(
-            settings, session, should_stop=lambda: stop.is_set() or agent.stopped,
+            settings,
+            session,
+            should_stop=lambda: stop.is_set() or agent.stopped,
             max_wait_seconds=config.agent.reconnect_max_wait_seconds,
         )
     finally:

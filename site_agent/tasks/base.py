@@ -35,7 +35,7 @@ from site_agent.tasks.errors import TaskConfigError, TaskDataError, TrainingDive
 SUPPORTED_OPTIMIZERS = ("sgd", "adam")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SiteData:
     """One site's data, already split and preprocessed; row i of features goes with element i of labels."""
 
@@ -216,6 +216,12 @@ class Task(ABC):
                 labels = data.train_labels[batch].to(device)
                 optimizer.zero_grad(set_to_none=True)
                 data_loss = self.loss(model, features, labels)
+                loss_value = float(data_loss.detach())
+                if not math.isfinite(loss_value):
+                    raise TrainingDivergedError(
+                        f"{self.name}: loss became {loss_value} at step {step + 1} of {num_steps}; "
+                        "lower the learning rate"
+                    )
                 objective = data_loss
                 if anchor:
                     squared_distance = sum(
@@ -225,12 +231,6 @@ class Task(ABC):
                     objective = data_loss + (mu / 2.0) * squared_distance
                 objective.backward()
                 optimizer.step()
-                loss_value = float(data_loss.detach())
-                if not math.isfinite(loss_value):
-                    raise TrainingDivergedError(
-                        f"{self.name}: loss became {loss_value} at step {step + 1} of {num_steps}; "
-                        "lower the learning rate"
-                    )
                 loss_sum += loss_value
         finally:
             model.train(was_training)

@@ -84,7 +84,7 @@ SPLIT_SEED = 43
 NORMALIZATION_EPSILON = 1e-9
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RawHeartDiseaseSite:
     """One site before normalisation: encoded features, labels, and the split in scikit-learn's order."""
 

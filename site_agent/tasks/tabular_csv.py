@@ -105,7 +105,7 @@ class CsvTable:
     line_numbers: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EncodedTable:
     """Encoded rows before the split: ``features[n, width]``, 0/1 ``labels[n]``, and what each column is."""
 

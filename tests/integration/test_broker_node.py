@@ -81,7 +81,7 @@ def test_operator_runs_a_node_and_provisions_a_hospital_through_the_cli(
         assert config_path == state_dir / "sites" / "hospital-a.toml"
         assert stat.S_IMODE(config_path.stat().st_mode) == 0o600
         site_url = read_broker_url(config_path)
-        assert site_url.startswith(f"amqp://hospital-a:") and site_url.endswith(f"@127.0.0.1:{amqp}/fedmq")
+        assert site_url.startswith("amqp://hospital-a:") and site_url.endswith(f"@127.0.0.1:{amqp}/fedmq")
         pika.BlockingConnection(pika.URLParameters(site_url)).close()
 
         listing = run_fedmq(state_dir, "list-sites")

@@ -162,7 +162,10 @@ def panel_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     """(where, PromQL) for every panel target, Grafana variables replaced."""
     variable_names = dashboard_variable_names(dashboard)
     return [
-        (f"panel {panel['id']} {panel['title']!r} target {target['refId']}", as_plain_promql(target["expr"], variable_names))
+        (
+            f"panel {panel['id']} {panel['title']!r} target {target['refId']}",
+            as_plain_promql(target["expr"], variable_names),
+        )
         for panel in query_panels(dashboard)
         for target in panel["targets"]
     ]
@@ -172,7 +175,7 @@ def test_metric_name_extraction_finds_selected_metrics_only() -> None:
     # Prepare: an expression using functions, grouping, matchers with regexes, a range and a number.
     expression = (
         'histogram_quantile(0.9, sum by (site, le) (rate(fedmq_update_staleness_bucket{site=~"a|b"}[5m])))'
-        " > on (job, instance) 0.8 * fedmq_max_staleness or absent(up{job=\"x\"}) and time() - 1e3"
+        ' > on (job, instance) 0.8 * fedmq_max_staleness or absent(up{job="x"}) and time() - 1e3'
     )
 
     # Execute
@@ -184,6 +187,23 @@ def test_metric_name_extraction_finds_selected_metrics_only() -> None:
     assert names == {"fedmq_update_staleness_bucket", "fedmq_max_staleness", "up"}
     assert labels == {"fedmq_update_staleness_bucket": {"site"}, "up": {"job"}}
     assert variable_names == {"fedmq_eval_metric"}
+
+
+def test_contract_matches_the_coordinators_registry() -> None:
+    # Prepare: the coordinator's metrics on a fresh registry, as the service builds them.
+    from prometheus_client import CollectorRegistry
+
+    from coordinator.metrics import CoordinatorMetrics
+
+    registry = CollectorRegistry()
+    CoordinatorMetrics(registry)
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+
+    # Execute
+    exported = {family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]}
+
+    # Assert
+    assert exported == set(FEDMQ_EXPORTED_METRICS)
 
 
 def test_every_panel_has_a_title_and_the_provisioned_datasource() -> None:

@@ -168,7 +168,10 @@ def test_alert_rules_use_only_metrics_that_fedmq_or_rabbitmq_export() -> None:
 
     # Execute
     unknown = [
-        (rule["alert"], name) for rule in alert_rules() for name in sorted(metric_names_in(rule["expr"])) if name not in exported
+        (rule["alert"], name)
+        for rule in alert_rules()
+        for name in sorted(metric_names_in(rule["expr"]))
+        if name not in exported
     ]
 
     # Assert

@@ -20,6 +20,7 @@ from site_agent.tasks import (
     TaskDataError,
     TaskError,
     TaskRegistry,
+    TrainingDivergedError,
     UnknownTaskError,
     get_task,
     model_fingerprint,
@@ -621,3 +622,17 @@ def test_task_from_options_passes_only_constructor_keys(tmp_path: Path) -> None:
     assert (task.num_features, task.model) == (5, "mlp")
     with pytest.raises(TaskConfigError, match="name"):
         task_from_options({"num_features": 5})
+
+
+def test_a_diverging_run_raises_instead_of_returning_poisoned_weights() -> None:
+    # Prepare: a model whose weights already went NaN (what too large a learning rate ends in)
+    task = HeartDiseaseTask()
+    data = task.load_data("cleveland", {})
+    model = task.build_model()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+
+    # Execute / Assert
+    with pytest.raises(TrainingDivergedError, match="step 1 of 10"):
+        task.train(model, data, TrainingConfig(local_steps=10), torch.Generator().manual_seed(0))

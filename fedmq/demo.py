@@ -1,0 +1,478 @@
+"""``fedmq demo``: four real hospitals federate asynchronously on one machine, end to end.
+
+It does what a real deployment does, with every part as a separate process: start a RabbitMQ node
+(``fedmq broker up``), provision the four heart-disease hospitals (``fedmq broker add-site``), start the
+coordinator and one site agent per hospital, watch the coordinator's metrics endpoint for progress, and when the
+coordinator's stopping rule ends the run, print per-hospital and pooled test accuracy next to FLamby's published
+numbers, plot accuracy against time and version, and stop everything it started (also on Ctrl-C).
+Everything it writes stays under the state dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from prometheus_client.parser import text_string_to_metric_families
+
+HEART_SITES = ("cleveland", "hungary", "switzerland", "long-beach")
+STRATEGIES = ("fedbuff", "fedasync", "fedavg-sync")
+
+# Tuned on the four hospitals (see docs/BENCHMARKS.md): FedBuff with FedOpt's Adam on the server, like FLamby's
+# best FedAdam, but asynchronous.
+STRATEGY_TABLES: dict[str, str] = {
+    "fedbuff": """[strategy]
+name = "fedbuff"
+max_staleness = 20
+[strategy.params]
+buffer_size = 3
+max_site_share = 0.67
+server_optimizer = "adam"
+server_learning_rate = 0.02
+""",
+    "fedasync": """[strategy]
+name = "fedasync"
+max_staleness = 20
+[strategy.params]
+alpha = 0.6
+staleness = "polynomial"
+staleness_a = 0.5
+""",
+    "fedavg-sync": """[strategy]
+name = "fedavg-sync"
+max_staleness = 0
+[strategy.params]
+round_timeout_seconds = 120
+""",
+}
+DEFAULT_VERSIONS = {"fedbuff": 60, "fedasync": 120, "fedavg-sync": 30}
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    state_dir: Path
+    strategy: str = "fedbuff"
+    seed: int = 0
+    slow: dict[str, float] = field(default_factory=dict)
+    versions: int | None = None
+    max_seconds: float = 600.0
+    local_steps: int = 100
+    learning_rate: float = 0.01
+    metrics_port: int = 0
+    summary_json: Path | None = None
+    keep_broker: bool = False
+
+
+def register(subcommands: Any) -> None:
+    demo = subcommands.add_parser(
+        "demo",
+        help="run the four-hospital heart-disease federation locally (the main job)",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    demo.add_argument("--strategy", choices=STRATEGIES, default="fedbuff", help="aggregation (default fedbuff)")
+    demo.add_argument("--seed", type=int, default=0, help="seed for the model and every site's training")
+    demo.add_argument(
+        "--slow",
+        action="append",
+        default=[],
+        metavar="SITE=FACTOR",
+        help="make a hospital FACTOR times slower, e.g. --slow switzerland=10 (repeatable)",
+    )
+    demo.add_argument("--versions", type=int, help="stop after this many global versions (default per strategy)")
+    demo.add_argument("--max-seconds", type=float, default=600.0, help="wall-clock budget (default 600)")
+    demo.add_argument("--local-steps", type=int, default=100, help="local optimiser steps per update")
+    demo.add_argument("--learning-rate", type=float, default=0.01, help="sites' SGD learning rate")
+    demo.add_argument("--metrics-port", type=int, default=0, help="coordinator metrics port (default: a free one)")
+    demo.add_argument("--summary-json", type=Path, help="also write the results as JSON here")
+    demo.add_argument("--keep-broker", action="store_true", help="leave the RabbitMQ node running afterwards")
+    demo.set_defaults(handler=demo_command)
+
+
+def parse_slow(values: Sequence[str]) -> dict[str, float]:
+    slow: dict[str, float] = {}
+    for value in values:
+        site, _, factor = value.partition("=")
+        if site not in HEART_SITES or not factor:
+            raise ValueError(f"--slow {value!r}: expected SITE=FACTOR with SITE one of {', '.join(HEART_SITES)}")
+        slow[site] = float(factor)
+        if slow[site] < 1:
+            raise ValueError(f"--slow {value!r}: the factor must be >= 1")
+    return slow
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    try:
+        options = DemoOptions(
+            state_dir=args.state_dir,
+            strategy=args.strategy,
+            seed=args.seed,
+            slow=parse_slow(args.slow),
+            versions=args.versions,
+            max_seconds=args.max_seconds,
+            local_steps=args.local_steps,
+            learning_rate=args.learning_rate,
+            metrics_port=args.metrics_port,
+            summary_json=args.summary_json,
+            keep_broker=args.keep_broker,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run_demo(options)
+
+
+# ----------------------------------------------------------------------------------------------------- processes
+
+
+def fedmq_command(state_dir: Path, *arguments: str) -> list[str]:
+    return [sys.executable, "-m", "fedmq.cli", "--state-dir", str(state_dir), *arguments]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class ProcessGroup:
+    """Child processes with their own log files; all are stopped on exit, however the demo ends."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[TextIO] = []
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        log_file = (self.log_dir / f"{name}.log").open("w")
+        self._logs.append(log_file)
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes[name] = process
+        return process
+
+    def stop_all(self, grace_seconds: float = 15.0) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_seconds
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for log_file in self._logs:
+            log_file.close()
+
+
+def run_checked(command: list[str], what: str) -> str:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{result.stdout}{result.stderr}")
+    return result.stdout
+
+
+# ------------------------------------------------------------------------------------------------------- configs
+
+
+def coordinator_toml(options: DemoOptions, broker_url: str, metrics_port: int) -> str:
+    versions = options.versions or DEFAULT_VERSIONS[options.strategy]
+    return f"""# written by `fedmq demo`
+task = "heart-disease"
+sites = {json.dumps(list(HEART_SITES))}
+seed = {options.seed}
+
+[broker]
+url = {json.dumps(broker_url)}
+
+{STRATEGY_TABLES[options.strategy]}
+[training]
+local_steps = {options.local_steps}
+learning_rate = {options.learning_rate}
+batch_size = 4
+
+[liveness]
+site_timeout_seconds = 20
+
+[stopping]
+max_versions = {versions}
+max_seconds = {options.max_seconds}
+final_eval_timeout_seconds = 60
+
+[metrics]
+host = "127.0.0.1"
+port = {metrics_port}
+"""
+
+
+def site_tables(options: DemoOptions, site: str) -> str:
+    return f"""
+# added by `fedmq demo`
+[task]
+name = "heart-disease"
+
+[agent]
+seed = {options.seed}
+slowdown = {options.slow.get(site, 1.0)}
+heartbeat_seconds = 2
+"""
+
+
+# ------------------------------------------------------------------------------------------------------ progress
+
+
+def scrape(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Metric samples by name, then by sorted label pairs."""
+    with urllib.request.urlopen(url, timeout=2) as response:
+        text = response.read().decode()
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def progress_line(samples: dict[str, dict[tuple[tuple[str, str], ...], float]], elapsed: float) -> str:
+    version = int(samples.get("fedmq_model_version", {}).get((), 0))
+    applied = {
+        dict(labels)["site"]: int(value) for labels, value in samples.get("fedmq_updates_applied_total", {}).items()
+    }
+    per_site = " ".join(f"{site} {applied.get(site, 0)}" for site in HEART_SITES)
+    accuracy = samples.get("fedmq_eval_global", {}).get((("aggregate", "pooled"), ("metric", "accuracy")))
+    shown = f"{accuracy:.3f}" if accuracy is not None and not math.isnan(accuracy) else "  -  "
+    return f"[{elapsed:5.0f} s] model v{version:<4d} pooled accuracy {shown}  updates: {per_site}"
+
+
+# ------------------------------------------------------------------------------------------------------- results
+
+
+def results_table(summary: dict[str, Any], strategy: str) -> str:
+    from site_agent.tasks.heart_disease import read_flamby_baselines
+
+    baselines = read_flamby_baselines()
+    columns = [
+        ("FLamby FedAvg", baselines["FedAvg100"]),
+        ("FLamby FedAdam", baselines["FedAdam100"]),
+        ("FLamby pooled", baselines["Pooled Training"]),
+    ]
+    final = summary.get("final_evaluation") or {}
+    per_site = final.get("per_site", {})
+    counts = final.get("num_examples", {})
+    header = f"{'hospital':<22}{'test n':>7}{'fedmq ' + strategy:>18}" + "".join(f"{name:>16}" for name, _ in columns)
+    lines = [header, "-" * len(header)]
+    for site in HEART_SITES:
+        ours = per_site.get(site, {}).get("accuracy")
+        lines.append(
+            f"{site:<22}{counts.get(site, 0):>7}{_cell(ours):>18}"
+            + "".join(f"{baseline.site_test_means[site]:>16.3f}" for _, baseline in columns)
+        )
+    lines.append("-" * len(header))
+    lines.append(
+        f"{'mean over hospitals':<29}{_cell(final.get('mean', {}).get('accuracy')):>18}"
+        + "".join(f"{baseline.client_average_mean:>16.3f}" for _, baseline in columns)
+    )
+    lines.append(
+        f"{'pooled test set':<29}{_cell(final.get('pooled', {}).get('accuracy')):>18}"
+        + "".join(f"{baseline.pooled_test_mean:>16.3f}" for _, baseline in columns)
+    )
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def complete_evaluations(history: list[dict[str, Any]], num_sites: int) -> list[dict[str, Any]]:
+    """The first row at which each version had been evaluated by every hospital."""
+    rows: dict[int, dict[str, Any]] = {}
+    for row in history:
+        if len(row["sites_reported"]) >= num_sites and row["version"] not in rows:
+            rows[row["version"]] = row
+    return [rows[version] for version in sorted(rows)]
+
+
+def plot_progress(history: list[dict[str, Any]], started_at: float, path: Path, title: str) -> bool:
+    rows = complete_evaluations(history, len(HEART_SITES))
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seconds = [row["time"] - started_at for row in rows]
+    versions = [row["version"] for row in rows]
+    figure, (by_time, by_version) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for aggregate, style in (("pooled", "-"), ("mean", "--")):
+        values = [row[aggregate]["accuracy"] for row in rows]
+        label = "pooled test set" if aggregate == "pooled" else "mean over hospitals"
+        by_time.plot(seconds, values, style, label=label)
+        by_version.plot(versions, values, style, label=label)
+    for axis, xlabel in ((by_time, "wall-clock seconds"), (by_version, "global model version")):
+        axis.axhline(0.748, color="grey", linewidth=0.8, linestyle=":", label="FLamby FedAvg (pooled)")
+        axis.axhline(0.779, color="black", linewidth=0.8, linestyle=":", label="FLamby FedAdam (pooled)")
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel("test accuracy")
+        axis.set_ylim(0.4, 0.9)
+        axis.grid(alpha=0.3)
+    by_version.legend(loc="lower right", fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------- run
+
+
+def run_demo(options: DemoOptions) -> int:
+    state_dir = options.state_dir
+    demo_dir = state_dir / "demo"
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    group = ProcessGroup(demo_dir / "logs")
+    started_broker = False
+    interrupted = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        print(f"fedmq demo: four hospitals, strategy {options.strategy}, state dir {state_dir}", flush=True)
+        status = subprocess.run(fedmq_command(state_dir, "broker", "status"), capture_output=True, text=True)
+        if status.returncode != 0:
+            print("starting a local RabbitMQ node ...", flush=True)
+            run_checked(fedmq_command(state_dir, "broker", "up"), "fedmq broker up")
+            started_broker = True
+        for site in HEART_SITES:
+            path = Path(
+                run_checked(
+                    fedmq_command(state_dir, "broker", "add-site", site, "--rotate-password"), f"add-site {site}"
+                )
+                .strip()
+                .splitlines()[-1]
+            )
+            with path.open("a") as handle:
+                handle.write(site_tables(options, site))
+        print(f"provisioned {len(HEART_SITES)} hospitals: configs in {state_dir / 'sites'}", flush=True)
+        coordinator_dir = state_dir / "coordinator"
+        if coordinator_dir.exists():  # a demo always starts a fresh run
+            import shutil
+
+            shutil.rmtree(coordinator_dir)
+        from broker.provisioning import coordinator_config_path, read_broker_url
+
+        metrics_port = options.metrics_port or free_port()
+        config_path = demo_dir / "coordinator.toml"
+        config_path.write_text(
+            coordinator_toml(options, read_broker_url(coordinator_config_path(state_dir)), metrics_port)
+        )
+        os.chmod(config_path, 0o600)
+        started = time.time()
+        coordinator = group.start(
+            "coordinator", fedmq_command(state_dir, "coordinator", "run", "--config", str(config_path))
+        )
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        print(f"coordinator started; metrics at {metrics_url}", flush=True)
+        for site in HEART_SITES:
+            group.start(
+                site, fedmq_command(state_dir, "site", "run", "--config", str(state_dir / "sites" / f"{site}.toml"))
+            )
+        slow = ", ".join(f"{site} x{factor:g}" for site, factor in options.slow.items()) or "none"
+        print(f"site agents started: {', '.join(HEART_SITES)} (slowed: {slow}); logs in {group.log_dir}", flush=True)
+        _watch(coordinator, metrics_url, started)
+        if coordinator.returncode != 0:
+            print(
+                f"the coordinator exited with code {coordinator.returncode}; see {group.log_dir}/coordinator.log",
+                file=sys.stderr,
+            )
+            return 1
+        return _report(options, coordinator_dir, started)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: stopping everything", flush=True)
+        return 130
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        group.stop_all()
+        if started_broker and not options.keep_broker:
+            subprocess.run(fedmq_command(state_dir, "broker", "down"), capture_output=True)
+        signal.signal(signal.SIGTERM, previous)
+        if not interrupted:
+            print("all demo processes stopped", flush=True)
+
+
+def _watch(coordinator: subprocess.Popen[bytes], metrics_url: str, started: float) -> None:
+    interactive = sys.stdout.isatty()
+    last_printed = 0.0
+    line = ""
+    while coordinator.poll() is None:
+        time.sleep(1.0)
+        try:
+            line = progress_line(scrape(metrics_url), time.time() - started)
+        except (urllib.error.URLError, OSError, ValueError):
+            continue
+        if interactive:
+            print("\r" + line, end="", flush=True)
+        elif time.monotonic() - last_printed >= 5:
+            print(line, flush=True)
+            last_printed = time.monotonic()
+    if interactive:
+        print()
+
+
+def _report(options: DemoOptions, coordinator_dir: Path, started: float) -> int:
+    summary = json.loads((coordinator_dir / "run_summary.json").read_text())
+    final = summary.get("final_evaluation") or {}
+    seconds = time.time() - started
+    print()
+    print(
+        f"finished: {summary['stop_reason']}; {summary['versions']} versions from {summary['updates_accepted']} "
+        f"updates in {seconds:.0f} s"
+    )
+    print()
+    print(results_table(summary, options.strategy))
+    print()
+    history = read_history(coordinator_dir / "evaluations.jsonl")
+    plot_path = options.state_dir / "demo" / "accuracy.png"
+    if plot_progress(history, started, plot_path, f"fedmq {options.strategy}, four hospitals (seed {options.seed})"):
+        print(f"plot: {plot_path}")
+    print(f"final model: {coordinator_dir / 'final_model.safetensors'}; audit log: {coordinator_dir / 'audit.jsonl'}")
+    result = {
+        "strategy": options.strategy,
+        "seed": options.seed,
+        "client_avg_accuracy": final.get("mean", {}).get("accuracy"),
+        "pooled_accuracy": final.get("pooled", {}).get("accuracy"),
+        "per_site": {site: metrics.get("accuracy") for site, metrics in final.get("per_site", {}).items()},
+        "versions": summary["versions"],
+        "updates": summary["updates_accepted"],
+        "seconds": seconds,
+        "slow": options.slow,
+    }
+    if options.summary_json is not None:
+        options.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        options.summary_json.write_text(json.dumps(result, indent=2))
+        print(f"summary: {options.summary_json}")
+    return 0
