@@ -28,7 +28,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import Coordinator
 from schemas import ModelFingerprint
 from site_agent.tasks.base import architecture_digest
-from site_agent.tasks.registry import get_task
+from site_agent.tasks.registry import task_from_options
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def build_coordinator(config: CoordinatorConfig, registry: CollectorRegistry) ->
     """Version 0 comes from the task (seeded), then any checkpoint in the state dir takes over."""
     config.state_dir.mkdir(parents=True, exist_ok=True)
     paths = state_paths(config)
-    task = get_task(config.task, **config.task_options)
+    task = task_from_options({**config.task_options, "name": config.task})
     torch.manual_seed(config.seed)
     model = task.build_model()
     initial = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
@@ -61,7 +61,7 @@ def build_coordinator(config: CoordinatorConfig, registry: CollectorRegistry) ->
         config,
         strategy=build_strategy(config.strategy.name, **strategy_params),
         initial_params=initial,
-        fingerprint=ModelFingerprint(task=config.task, architecture=architecture_digest(model)),
+        fingerprint=ModelFingerprint(task=task.name, architecture=architecture_digest(model)),
         metrics=CoordinatorMetrics(registry),
         audit=AuditLog(paths["audit"]),
         evaluations=EvaluationBook(paths["evaluations"]),
