@@ -86,6 +86,7 @@ def resnet18_layer_shapes() -> list[tuple[str, tuple[int, ...]]]:
             shapes += [(f"{prefix}.bn2.weight", (channels,)), (f"{prefix}.bn2.bias", (channels,))]
             if block == 0 and block_in != channels:
                 shapes.append((f"{prefix}.downsample.0.weight", (channels, block_in, 1, 1)))
+                shapes += [(f"{prefix}.downsample.1.weight", (channels,)), (f"{prefix}.downsample.1.bias", (channels,))]
         in_channels = channels
     shapes += [("fc.weight", (1000, 512)), ("fc.bias", (1000,))]
     return shapes

@@ -32,7 +32,11 @@ def raw_tensors(draw: st.DrawFn) -> torch.Tensor:
             shape
         )
     data = draw(st.binary(min_size=numel * element_size(dtype), max_size=numel * element_size(dtype)))
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape).clone() if numel else torch.empty(shape, dtype=dtype)
+    return (
+        torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape).clone()
+        if numel
+        else torch.empty(shape, dtype=dtype)
+    )
 
 
 @st.composite
