@@ -555,6 +555,16 @@ class LocalNode:
         self._process = None
         return True
 
+    def close_user_connections(self, user: str, reason: str = "closed by fedmq") -> None:
+        """Force-close every connection of ``user`` now (clients see 320 CONNECTION_FORCED).
+
+        Unlike the management API's connection list, which lags by several seconds, rabbitmqctl sees
+        connections the moment they open, so reconnect tests need no polling.
+        """
+        result = self._rabbitmqctl("close_all_user_connections", user, reason, timeout=60)
+        if result.returncode != 0:
+            raise BrokerNotReachable(f"rabbitmqctl could not close {user}'s connections: {result.stderr.strip()}")
+
     def status(self) -> NodeStatus:
         pid = self.running_pid()
         version: str | None = None

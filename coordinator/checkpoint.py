@@ -111,6 +111,10 @@ class CheckpointStore:
         referenced: dict[int, tuple[torch.Tensor, str]] = {}
         state = self._inflate(manifest, referenced)
         self._written = referenced
+        keep = {name for _, name in referenced.values()}
+        for orphan in self.tensor_dir.glob("*.bin"):  # written by a save that crashed before its manifest
+            if orphan.name not in keep:
+                orphan.unlink()
         return state
 
     def _inflate(self, value: Any, referenced: dict[int, tuple[torch.Tensor, str]]) -> Any:

@@ -18,8 +18,8 @@ Fixtures:
             site.url, site.config_path                          # amqp://hospital-a:...@127.0.0.1:PORT/VHOST
             broker_env.coordinator_url                          # amqp://fedmq-coordinator:...@.../VHOST
             connection = broker_env.connect(site.url)           # pika BlockingConnection, closed at teardown
-            broker_env.message_count(Queue.COORDINATOR_UPDATES) # exact, over AMQP (not the lagging HTTP stats)
-            broker_env.close_connections("hospital-a")          # force a disconnect (reconnect tests)
+            broker_env.message_count(Queue.COORDINATOR_UPDATES.value)  # exact, over AMQP (not the lagging HTTP stats)
+            broker_env.close_connections("hospital-a")          # force a disconnect now (reconnect tests)
 
     Site users are node-wide (RabbitMQ users are not per vhost): the ones ``add_site`` creates are deleted
     at teardown, so tests can all use readable names such as ``hospital-a`` as long as they run one at a time.
@@ -29,7 +29,6 @@ Fixtures:
 from __future__ import annotations
 
 import contextlib
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -99,14 +98,9 @@ class BrokerEnv:
         finally:
             connection.close()
 
-    def close_connections(self, user: str, *, timeout: float = 10.0) -> int:
-        """Force-close ``user``'s connections on this vhost; waits until the broker lists at least one."""
-        deadline = time.monotonic() + timeout
-        while True:
-            closed = self.management.close_user_connections(user, vhost=self.vhost, reason="closed by test")
-            if closed or time.monotonic() >= deadline:
-                return closed
-            time.sleep(0.2)
+    def close_connections(self, user: str) -> None:
+        """Force-close every connection of ``user`` at once (the client sees 320 CONNECTION_FORCED)."""
+        self.node.close_user_connections(user, reason="closed by test")
 
     def cleanup(self) -> None:
         for connection in self._connections:

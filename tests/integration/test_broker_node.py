@@ -186,3 +186,32 @@ def test_adding_an_existing_site_is_refused_unless_the_password_is_rotated(broke
     broker_env.connect(new_url)
     with pytest.raises(pika.exceptions.ProbableAuthenticationError):
         pika.BlockingConnection(pika.URLParameters(old.url))
+
+
+def test_a_stale_pid_file_is_not_mistaken_for_a_running_node(tmp_path: Path) -> None:
+    # Prepare: the pid file names a live process that is not this node (this test's own interpreter)
+    node = LocalNode(tmp_path / "state")
+    node.pid_file.parent.mkdir(parents=True)
+    node.pid_file.write_text(str(os.getpid()))
+
+    # Execute
+    status = node.status()
+
+    # Assert
+    assert status.running is False and status.pid is None
+    assert node.stop() is False
+    assert not node.pid_file.exists()
+
+
+def test_closing_a_users_connections_disconnects_the_client(broker_env: BrokerEnv) -> None:
+    # Prepare
+    site = broker_env.add_site("hospital-a")
+    connection = broker_env.connect(site.url)
+
+    # Execute
+    broker_env.close_connections("hospital-a")
+
+    # Assert: the client learns at once that the broker disconnected it (320 CONNECTION_FORCED)
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as disconnect:
+        connection.process_data_events(time_limit=2)
+    assert disconnect.value.reply_code == 320

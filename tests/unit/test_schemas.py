@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import tracemalloc
 from collections.abc import Callable
@@ -305,14 +306,20 @@ def test_decoding_makes_one_copy_the_tensor_lives_in_the_bytes_msgpack_returned(
         assert not message_start <= tensor.data_ptr() < message_start + len(encoded)
 
 
-def test_decoded_tensors_stay_valid_after_the_message_bytes_are_gone() -> None:
+def test_decoded_tensors_keep_their_memory_alive_after_the_message_is_dropped() -> None:
+    # Prepare
     delta = {"w": torch.randn(64, 64)}
     encoded = update_with(delta).encode()
 
+    # Execute: drop the message and the unpacked body, then churn the allocator over the freed memory
     decoded = ModelUpdate.decode(encoded)
-    del encoded  # the tensor keeps its bytes object alive on its own
+    del encoded
+    gc.collect()
+    churn = [bytes([index % 251]) * 16_384 for index in range(64)]
 
+    # Assert: the tensor holds a reference to its bytes object, so its values are intact
     assert torch.equal(decoded.delta["w"], delta["w"])
+    assert len(churn) == 64
 
 
 # ------------------------------------------------------------------------------------------------ size limits

@@ -26,7 +26,7 @@ INPUTS_PER_KIND = {
     "truncated": 5_000,
     "mutated": 10_000,
     "random-structure": 5_000,
-    "junk-fields": 16_000,
+    "junk-fields": 30_000,
 }
 MINIMUM_INPUTS = 10_000
 ITEM_SIZES = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()} | {"qint8": 1}
