@@ -10,12 +10,12 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from coordinator.config import CoordinatorConfig
 
 from prometheus_client import CollectorRegistry
-
-from coordinator.audit import verify_chain
-from coordinator.config import ConfigError, CoordinatorConfig, load_config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,6 +58,8 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 def resolve_config(args: argparse.Namespace) -> CoordinatorConfig:
     """The file, with the state dir and (when the file names none) the provisioned sites filled in."""
+    from coordinator.config import load_config
+
     config = load_config(args.config)
     if args.config is None or "state_dir" not in read_toml_keys(args.config):
         config = replace(config, state_dir=args.state_dir / "coordinator")
@@ -76,6 +78,7 @@ def read_toml_keys(path: Path) -> set[str]:
 
 def run_command(args: argparse.Namespace) -> int:
     from coordinator import runner
+    from coordinator.config import ConfigError
 
     try:
         config = resolve_config(args)
@@ -106,6 +109,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def verify_command(args: argparse.Namespace) -> int:
+    from coordinator.audit import verify_chain
+
     if not args.path.exists():
         print(f"error: {args.path} does not exist", file=sys.stderr)
         return 1

@@ -46,7 +46,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from types import UnionType
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from schemas import TrainingConfig
 
@@ -138,7 +139,30 @@ def _build(kind: type[ConfigT], values: dict[str, Any], where: str) -> ConfigT:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"[{where}] unknown key(s) {unknown}; known: {sorted(known)}")
-    return kind(**values)
+    hints = get_type_hints(kind)
+    return kind(**{key: _checked(value, hints[key], f"[{where}] {key}") for key, value in values.items()})
+
+
+def _checked(value: Any, hint: Any, where: str) -> Any:
+    """The value as its field's type (an int is fine where a float is wanted), or a ConfigError naming the key:
+    a wrong type caught here would otherwise fail deep in the service, on the first update."""
+    arguments = get_args(hint)
+    if get_origin(hint) in (Union, UnionType) and type(None) in arguments:
+        if value is None:
+            return None
+        hint = next(argument for argument in arguments if argument is not type(None))
+    expected = get_origin(hint) or hint
+    if expected is float and type(value) in (int, float):
+        return float(value)
+    if expected is tuple and isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    if expected in (int, str, bool, dict):
+        if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+            return value
+    elif expected not in (float, tuple):
+        return value  # nested settings, Path: built or converted by the caller
+    wanted = "a list of strings" if expected is tuple else getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{where} must be {wanted}, got {value!r}")
 
 
 def config_from_dict(values: dict[str, Any], *, base_dir: Path | None = None) -> CoordinatorConfig:
@@ -154,8 +178,6 @@ def config_from_dict(values: dict[str, Any], *, base_dir: Path | None = None) ->
             if not isinstance(table, dict):
                 raise ConfigError(f"[{key}] must be a table")
             nested[key] = _build(kind, table, key)
-    if "sites" in values:
-        values["sites"] = tuple(values["sites"])
     if "state_dir" in values:
         state_dir = Path(values["state_dir"]).expanduser()
         values["state_dir"] = state_dir if state_dir.is_absolute() or base_dir is None else base_dir / state_dir

@@ -506,6 +506,8 @@ class Coordinator:
     def _maybe_finish(self) -> None:
         """Stop once every site that is up has evaluated the final version (or the wait timed out)."""
         assert self.finishing_since is not None
+        if self.finished:
+            return  # a tick after the end must not send a second stop or rewrite the results
         final = self.evaluations.for_version(self.state.version)
         reported = set(final.sites) if final else set()
         waited = self.monotonic() - self.finishing_since

@@ -148,7 +148,7 @@ def validate_update(
 
 
 def _shape_problem(delta: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor]) -> str | None:
-    if list(delta) != list(model):
+    if delta.keys() != model.keys():  # order-insensitive: aggregation looks tensors up by name
         missing = [name for name in model if name not in delta]
         extra = [name for name in delta if name not in model]
         return f"tensor names differ from the model: missing {missing}, unexpected {extra}"

@@ -59,6 +59,7 @@ round_timeout_seconds = 120
 """,
 }
 DEFAULT_VERSIONS = {"fedbuff": 60, "fedasync": 120, "fedavg-sync": 30}
+BROKER_PORT_OPTIONS = ("amqp", "dist", "management", "prometheus")  # passed on to `fedmq broker up --X-port`
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class DemoOptions:
     metrics_port: int = 0
     summary_json: Path | None = None
     keep_broker: bool = False
+    # Ports of the node it starts, by name ("amqp", "dist", "management", "prometheus"; one not named: `fedmq broker
+    # up`'s default), so a test or a second demo can run beside a developer's own.
+    broker_ports: dict[str, int] = field(default_factory=dict)
 
 
 def register(subcommands: Any) -> None:
@@ -98,6 +102,10 @@ def register(subcommands: Any) -> None:
     demo.add_argument("--metrics-port", type=int, default=0, help="coordinator metrics port (default: a free one)")
     demo.add_argument("--summary-json", type=Path, help="also write the results as JSON here")
     demo.add_argument("--keep-broker", action="store_true", help="leave the RabbitMQ node running afterwards")
+    for port in BROKER_PORT_OPTIONS:
+        demo.add_argument(
+            f"--{port}-port", type=int, help=f"{port} port of the RabbitMQ node it starts (default: fedmq broker up's)"
+        )
     demo.set_defaults(handler=demo_command)
 
 
@@ -127,6 +135,11 @@ def demo_command(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             summary_json=args.summary_json,
             keep_broker=args.keep_broker,
+            broker_ports={
+                port: getattr(args, f"{port}_port")
+                for port in BROKER_PORT_OPTIONS
+                if getattr(args, f"{port}_port") is not None
+            },
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -362,7 +375,8 @@ def run_demo(options: DemoOptions) -> int:
         status = subprocess.run(fedmq_command(state_dir, "broker", "status"), capture_output=True, text=True)
         if status.returncode != 0:
             print("starting a local RabbitMQ node ...", flush=True)
-            run_checked(fedmq_command(state_dir, "broker", "up"), "fedmq broker up")
+            port_arguments = [f"--{name}-port={port}" for name, port in options.broker_ports.items()]
+            run_checked(fedmq_command(state_dir, "broker", "up", *port_arguments), "fedmq broker up")
             started_broker = True
         for site in HEART_SITES:
             path = Path(

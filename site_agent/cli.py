@@ -11,8 +11,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from site_agent.config import SiteConfigError, load_site_config
-
 log = logging.getLogger("fedmq.site")
 
 
@@ -44,6 +42,7 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     from site_agent import runner
+    from site_agent.config import SiteConfigError, load_site_config
 
     try:
         config = load_site_config(args.config)
@@ -65,6 +64,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def check_command(args: argparse.Namespace) -> int:
     from site_agent import runner
+    from site_agent.config import SiteConfigError, load_site_config
 
     try:
         config = load_site_config(args.config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 
 from broker import topology
 from broker.declare import declare_topology_at
-from broker.errors import DeclarationError, ProvisioningError
+from broker.errors import BrokerStartError, DeclarationError, ProvisioningError
 from broker.node import LocalNode
 from broker.provisioning import add_site, read_broker_url
 from broker.topology import Exchange, Kind, Queue
@@ -102,8 +103,8 @@ def test_operator_runs_a_node_and_provisions_a_hospital_through_the_cli(
         with pytest.raises(pika.exceptions.ProbableAuthenticationError):
             pika.BlockingConnection(pika.URLParameters(site_url))
 
-        down = run_fedmq(state_dir, "down")
-        assert down.returncode == 0, down.stderr
+        exit_code, out, err = fedmq_in_process(capsys, state_dir, "down")
+        assert exit_code == 0 and "stopped" in out, out + err
         assert fedmq_in_process(capsys, state_dir, "status")[0] == 3
         assert beam_processes_under(state_dir) == []
     finally:
@@ -215,3 +216,21 @@ def test_closing_a_users_connections_disconnects_the_client(broker_env: BrokerEn
     with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as disconnect:
         connection.process_data_events(time_limit=2)
     assert disconnect.value.reply_code == 320
+
+
+def test_a_port_in_use_is_named_instead_of_starting_a_broken_node(
+    tmp_path: Path, free_tcp_ports: Callable[[int], list[int]]
+) -> None:
+    # Prepare: something else listens on the AMQP port
+    amqp, dist, management, prometheus = free_tcp_ports(4)
+    node = LocalNode(
+        tmp_path / "state", amqp_port=amqp, dist_port=dist, management_port=management, prometheus_port=prometheus
+    )
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", amqp))
+        squatter.listen()
+
+        # Execute / Assert
+        with pytest.raises(BrokerStartError, match=f"port {amqp} .*--amqp-port"):
+            node.start()
+    assert beam_processes_under(node.broker_dir) == []

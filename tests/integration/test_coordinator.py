@@ -239,3 +239,34 @@ max_update_norm = 1000.0
         [sys.executable, "-m", "fedmq", "audit", "verify", str(tampered)], capture_output=True, text=True
     )
     assert broken.returncode == 1 and "record 6" in broken.stdout
+
+
+def test_coordinator_reconnects_after_its_connection_is_cut_and_carries_on(
+    broker_env: BrokerEnv, tmp_path: Path
+) -> None:
+    # Prepare: a running coordinator with one update applied.
+    url = broker_env.add_site("hospital-a").url
+    coordinator = start_coordinator(
+        broker_env,
+        tmp_path,
+        ["hospital-a"],
+        extra='[strategy]\nname = "fedasync"\nmax_staleness = 50\n',
+    )
+    site = ScriptedSite("hospital-a", url)
+    try:
+        site.publish(site.update(site.latest_model()).encode())
+        wait_for(lambda: coordinator.metrics()["fedmq_model_version"][()] == 1, 30, "first update not applied")
+
+        # Execute: the broker drops the coordinator's connection, then the site sends its next update.
+        broker_env.close_connections("fedmq-coordinator")
+        site.publish(site.update(site.latest_model()).encode())
+
+        # Assert: the same process reconnected and applied it; nothing was counted twice.
+        wait_for(lambda: coordinator.metrics()["fedmq_model_version"][()] == 2, 60, "no progress after reconnect")
+        assert coordinator.process is not None and coordinator.process.poll() is None
+        assert "reconnecting" in (tmp_path / "coordinator.log").read_text()
+        accepted = [r["update_id"] for r in coordinator.audit_records() if r["outcome"] == "accepted"]
+        assert len(accepted) == len(set(accepted)) == 2
+    finally:
+        site.close()
+        coordinator.stop()

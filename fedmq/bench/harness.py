@@ -1,0 +1,281 @@
+"""What the broker-backed benchmarks share: a private RabbitMQ node on free ports, provisioned sites, the
+machine description, process sampling, and the writer of ``docs/BENCHMARKS.md`` sections.
+
+Every benchmark starts its own node under its own state dir (``<state dir>/bench/<name>``), on ports nobody
+listens on, so it never disturbs a demo or a test session running next to it, and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from broker import topology
+from broker.declare import declare_topology_at
+from broker.errors import BrokerError
+from broker.node import LocalNode
+from broker.provisioning import add_site, ensure_coordinator_user, read_broker_url
+
+DEFAULT_DOC = Path("docs/BENCHMARKS.md")
+DOC_TITLE = "# fedmq benchmarks"
+DOC_INTRO = (
+    "Written by `fedmq bench NAME` (one section per benchmark, replaced when it runs again). Each section states "
+    "the machine it ran on and the command that reproduces it; ratios are measured within one run, so they "
+    "compare across machines better than the absolute figures."
+)
+# rabbitmqctl listens on these for its own Erlang distribution; a node must not take them.
+RABBITMQCTL_PORTS = range(35672, 35683)
+NODE_START_TIMEOUT = 120.0
+
+
+# ---------------------------------------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def _memory_gib() -> float:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
+def describe_machine(rabbitmq_version: str | None = None) -> str:
+    """One line: cores, memory, CPU, OS, Python, torch (and RabbitMQ when known)."""
+    import torch
+
+    parts = [
+        f"{os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))})",
+        f"{_memory_gib():.1f} GiB RAM",
+        _cpu_model(),
+        f"{platform.system()} {platform.release()}",
+        f"Python {platform.python_version()}",
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+    ]
+    if rabbitmq_version:
+        parts.append(f"RabbitMQ {rabbitmq_version}")
+    return ", ".join(parts)
+
+
+def command_line(arguments: Sequence[str] | None = None) -> str:
+    """``fedmq bench ...`` as it was invoked, for the reproduce line of a section."""
+    words = list(sys.argv[1:] if arguments is None else arguments)
+    return "fedmq " + " ".join(words)
+
+
+# -------------------------------------------------------------------------------------------------- the doc
+
+
+def _markers(key: str) -> tuple[str, str]:
+    return f"<!-- bench:{key} start -->", f"<!-- bench:{key} end -->"
+
+
+def replace_section(path: Path, key: str, body: str) -> None:
+    """Put ``body`` between this benchmark's markers in ``path``, replacing what a previous run wrote there;
+    other sections are left as they are. The file is created with a title when missing."""
+    start, end = _markers(key)
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    text = path.read_text() if path.exists() else f"{DOC_TITLE}\n\n{DOC_INTRO}\n"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _match: block, text, count=1)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text if text.endswith("\n") else text + "\n")
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def median_or_none(values: Iterable[float | None]) -> float | None:
+    """The median of the values that exist; None when none does."""
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
+
+
+# ---------------------------------------------------------------------------------------------------- ports
+
+
+def free_tcp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports nothing listens on right now (held open together, so they are distinct)."""
+    ports: list[int] = []
+    with ExitStack() as stack:
+        while len(ports) < count:
+            probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            probe.bind((host, 0))
+            port = int(probe.getsockname()[1])
+            if port not in RABBITMQCTL_PORTS:
+                ports.append(port)
+    return ports
+
+
+# --------------------------------------------------------------------------------------------------- broker
+
+
+class BenchBroker:
+    """A fresh private RabbitMQ node under ``state_dir`` on free ports, with the fedmq vhost, the coordinator's
+    user and the topology, exactly as ``fedmq broker up`` prepares one; stopped and left on disk at exit."""
+
+    def __init__(self, state_dir: Path, *, statistics_interval_ms: int = 5000) -> None:
+        self.state_dir = state_dir.resolve()
+        self.statistics_interval_ms = statistics_interval_ms
+        self.node: LocalNode | None = None
+        self.vhost = topology.VHOST
+        self.site_urls: dict[str, str] = {}
+        self.rabbitmq_version: str | None = None
+
+    def __enter__(self) -> BenchBroker:
+        self.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        leftover = self.state_dir / "broker" / "admin.toml"
+        if leftover.exists():  # a previous run that was killed: stop its node, start afresh
+            with contextlib.suppress(BrokerError):
+                LocalNode.from_state_dir(self.state_dir).stop()
+        shutil.rmtree(self.state_dir / "broker", ignore_errors=True)
+        shutil.rmtree(self.state_dir / "sites", ignore_errors=True)
+        amqp_port, dist_port, management_port, prometheus_port = free_tcp_ports(4)
+        node = LocalNode(
+            self.state_dir,
+            amqp_port=amqp_port,
+            dist_port=dist_port,
+            management_port=management_port,
+            prometheus_port=prometheus_port,
+            statistics_interval_ms=self.statistics_interval_ms,
+        )
+        node.start(timeout=NODE_START_TIMEOUT)
+        self.node = node
+        management = node.access.management()
+        management.create_vhost(self.vhost)
+        management.set_permissions(self.vhost, node.access.admin_user, configure=".*", write=".*", read=".*")
+        ensure_coordinator_user(
+            management,
+            vhost=self.vhost,
+            amqp_host=node.access.amqp_host,
+            amqp_port=node.access.amqp_port,
+            state_dir=self.state_dir,
+        )
+        declare_topology_at(self.admin_url)
+        self.rabbitmq_version = str(management.overview().get("rabbitmq_version", "")) or None
+
+    def stop(self) -> None:
+        if self.node is not None:
+            with contextlib.suppress(BrokerError):
+                self.node.stop()
+            self.node = None
+
+    def _node(self) -> LocalNode:
+        if self.node is None:
+            raise RuntimeError("the benchmark broker is not running")
+        return self.node
+
+    @property
+    def admin_url(self) -> str:
+        return self._node().access.admin_url(self.vhost)
+
+    @property
+    def coordinator_url(self) -> str:
+        return read_broker_url(self.state_dir / "coordinator-broker.toml")
+
+    def add_sites(self, site_ids: Iterable[str]) -> dict[str, str]:
+        """Provision each site as ``fedmq broker add-site`` does (its own user, permissions, queues, config file
+        under ``<state dir>/sites``); an existing one gets a new password. Returns site -> AMQP URL."""
+        node = self._node()
+        management = node.access.management()
+        urls: dict[str, str] = {}
+        for site_id in site_ids:
+            path = add_site(
+                management,
+                site_id=site_id,
+                amqp_host=node.access.amqp_host,
+                amqp_port=node.access.amqp_port,
+                vhost=self.vhost,
+                state_dir=self.state_dir,
+                rotate_password=site_id in self.site_urls,
+            )
+            urls[site_id] = read_broker_url(path)
+        self.site_urls.update(urls)
+        return urls
+
+    def site_config_path(self, site_id: str) -> Path:
+        return self.state_dir / "sites" / f"{site_id}.toml"
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+
+@dataclass(frozen=True)
+class ProcessSample:
+    """Resident memory now, its peak, and CPU seconds used so far by one process (from /proc)."""
+
+    rss_bytes: int
+    peak_rss_bytes: int
+    cpu_seconds: float
+
+
+def sample_process(pid: int) -> ProcessSample:
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in status.splitlines() if ":" in line}
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    after_name = stat[stat.rindex(")") + 2 :].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu_seconds = (int(after_name[11]) + int(after_name[12])) / ticks  # utime + stime
+    return ProcessSample(
+        rss_bytes=int(fields.get("VmRSS", "0 kB").split()[0]) * 1024,
+        peak_rss_bytes=int(fields.get("VmHWM", "0 kB").split()[0]) * 1024,
+        cpu_seconds=cpu_seconds,
+    )
+
+
+def python_command(module: str, *arguments: str) -> list[str]:
+    return [sys.executable, "-m", module, *arguments]
+
+
+def stop_process(process: subprocess.Popen[bytes], grace_seconds: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL after the grace period; always reaped."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def timed_phase(label: str, timings: dict[str, float]) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[label] = time.perf_counter() - started

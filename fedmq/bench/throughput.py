@@ -1,0 +1,564 @@
+"""``fedmq bench throughput``: updates per second the coordinator applies, against the raw broker's rate.
+
+For each model size (float32 parameters of the synthetic task, ResNet-18-shaped layers):
+
+1. **Raw broker.** Scripted sites (each its own broker user, publisher confirms on) fill the coordinator's
+   update queue with N pre-encoded updates; a bare pika consumer (the coordinator's user, the coordinator's
+   prefetch, ack per message, nothing else) drains it. Rate = (N - 1) / (last delivery - first delivery).
+2. **Coordinator.** The same sites fill the queue with N fresh updates; a real ``fedmq coordinator run``
+   process (FedBuff, K = 10, server SGD) drains it: validate, aggregate, durable checkpoint, audit, ack and
+   publish every new version. Rate from the audit log's per-update times, the same way.
+3. **Per-update split, in process** (no broker, the same code the service runs): decode, validate (the rest
+   of ``validate_update``), aggregate (``FedBuff.add``), checkpoint (the coordinator's own histogram) and the
+   total of ``Coordinator.process_update``, each also as a ratio to ``x.add_(y)`` on a flat tensor of the same
+   size, measured interleaved in the same run.
+
+Both drains use the same queue, broker and message bytes, one after the other, so the ratio coordinator / raw
+is a like-for-like consumer comparison; queue pre-filling keeps the publishers off the CPU while a consumer
+is measured (this machine may have only 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pika
+import torch
+from prometheus_client import CollectorRegistry
+
+from broker.topology import Exchange, Kind, Queue, routing_key
+from broker.transport import Delivery
+from coordinator.aggregation import Contribution, FedBuff, build_strategy
+from coordinator.audit import AuditLog, body_digest
+from coordinator.checkpoint import CheckpointStore
+from coordinator.config import CoordinatorConfig, StrategySettings, ValidationSettings
+from coordinator.evaluation import EvaluationBook
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.service import Coordinator
+from coordinator.validation import DuplicateFilter, ValidUpdate, validate_update
+from fedmq.bench.harness import (
+    DEFAULT_DOC,
+    BenchBroker,
+    command_line,
+    describe_machine,
+    free_tcp_ports,
+    markdown_table,
+    python_command,
+    replace_section,
+    stop_process,
+)
+from fedmq.bench.synthetic import UpdateTemplate, model_tensors, synthetic_coordinator_toml
+from schemas import DecodeLimits, ModelFingerprint, ModelUpdate
+
+HELP = "coordinator updates/s vs a bare pika consumer on the same broker, plus the per-update time split"
+DEFAULT_SIZES = (100_000, 1_000_000, 11_000_000)
+DEFAULT_BUDGET_MB = 1200.0
+DEFAULT_SITES = 8
+DEFAULT_BUFFER_SIZE = 10
+DEFAULT_SPLIT_CYCLES = 2
+GOAL_RATIO = 0.9
+GOAL_FROM_PARAMS = 1_000_000
+MIN_MESSAGES, MAX_MESSAGES = 12, 2000
+DRAIN_TIMEOUT_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class SplitRow:
+    """Seconds per update for each phase (in process), and the same-size in-place add they are divided by."""
+
+    params: int
+    add: float
+    decode: float
+    validate: float
+    aggregate: float
+    checkpoint: float
+    sha256: float
+    total: float
+
+    @property
+    def other(self) -> float:
+        """Audit (sha256 + fsync'd append), metrics and bookkeeping: what the named phases leave of the total."""
+        return max(0.0, self.total - self.decode - self.validate - self.aggregate - self.checkpoint)
+
+    def phases(self) -> dict[str, float]:
+        return {
+            "decode": self.decode,
+            "validate": self.validate,
+            "aggregate": self.aggregate,
+            "checkpoint": self.checkpoint,
+            "other": self.other,
+        }
+
+    def bottleneck(self) -> str:
+        phases = self.phases()
+        return max(phases, key=lambda name: phases[name])
+
+
+@dataclass(frozen=True)
+class DrainRow:
+    params: int
+    message_bytes: int
+    messages: int
+    publish_rate: float
+    raw_rate: float
+    coordinator_rate: float
+    coordinator_rejected: int
+
+    @property
+    def ratio(self) -> float:
+        return self.coordinator_rate / self.raw_rate if self.raw_rate > 0 else float("nan")
+
+
+# -------------------------------------------------------------------------------------------- in-process split
+
+
+def _paused_gc_time(action: Callable[[], Any]) -> float:
+    gc.collect()
+    gc.disable()
+    try:
+        started = time.perf_counter()
+        action()
+        return time.perf_counter() - started
+    finally:
+        gc.enable()
+
+
+def measure_split(num_parameters: int, *, cycles: int, buffer_size: int, work_dir: Path) -> SplitRow:
+    """Drive a real ``Coordinator`` (no transport needed for accepted updates) and time its pieces alongside."""
+    params = model_tensors(num_parameters)
+    shapes = {name: tensor.shape for name, tensor in params.items()}
+    template = UpdateTemplate("site-1", shapes)
+    registry = CollectorRegistry()
+    config = CoordinatorConfig(
+        task="bench-synthetic",
+        sites=("site-1",),
+        state_dir=work_dir,
+        strategy=StrategySettings(name="fedbuff", max_staleness=10**9, params={"buffer_size": buffer_size}),
+        validation=ValidationSettings(max_update_norm=1e12, max_message_mb=1024),
+    )
+    coordinator = Coordinator(
+        config,
+        strategy=build_strategy("fedbuff", buffer_size=buffer_size),
+        initial_params=params,
+        fingerprint=ModelFingerprint(task="bench-synthetic", architecture="bench"),
+        metrics=CoordinatorMetrics(registry),
+        audit=AuditLog(work_dir / "audit.jsonl"),
+        evaluations=EvaluationBook(None),
+        checkpoints=CheckpointStore(work_dir / "checkpoint"),
+    )
+    side_strategy = build_strategy("fedbuff", buffer_size=buffer_size)
+    assert isinstance(side_strategy, FedBuff)
+    side_params = {name: tensor.clone() for name, tensor in params.items()}
+    side_version = 0
+    limits = DecodeLimits(max_message_bytes=1024 * 1024 * 1024)
+    flat = torch.randn(num_parameters)
+    other = torch.randn(num_parameters)
+    samples: dict[str, list[float]] = {
+        name: [] for name in ("add", "decode", "validate", "aggregate", "sha256", "total")
+    }
+    # warm-up: page faults, lazy imports, the first checkpoint writing the whole model
+    coordinator.process_update(_delivery(template.body(0)[1], 0))
+    checkpoint_sum = registry.get_sample_value("fedmq_checkpoint_seconds_sum") or 0.0
+    checkpoint_count = registry.get_sample_value("fedmq_checkpoint_seconds_count") or 0.0
+    for index in range(1, 1 + cycles * buffer_size):
+        _, body = template.body(index)
+        delivery = _delivery(body, index)
+        samples["add"].append(_paused_gc_time(lambda: flat.add_(other)))
+        samples["decode"].append(_paused_gc_time(lambda: ModelUpdate.decode(body, limits)))
+        checked: list[Any] = []
+        samples["validate"].append(
+            _paused_gc_time(
+                lambda: checked.append(
+                    validate_update(
+                        delivery,
+                        known_sites=("site-1",),
+                        model=params,
+                        version=0,
+                        max_staleness=10**9,
+                        max_norm=1e12,
+                        duplicates=DuplicateFilter(),
+                        limits=limits,
+                    )
+                )
+            )
+        )
+        valid = checked[0]
+        if not isinstance(valid, ValidUpdate):
+            raise RuntimeError(f"the benchmark's update was rejected: {valid}")
+        contribution = Contribution(
+            site_id="site-1",
+            update_id=valid.update.update_id,
+            base_version=0,
+            staleness=side_version,
+            num_examples=valid.update.num_examples,
+            delta=valid.update.delta,
+        )
+        result: list[Any] = []
+        samples["aggregate"].append(
+            _paused_gc_time(lambda: result.append(side_strategy.add(side_params, side_version, contribution, params)))
+        )
+        if result[0] is not None:
+            side_params, side_version = result[0], side_version + 1
+        samples["sha256"].append(_paused_gc_time(lambda: body_digest(body)))
+        samples["total"].append(_paused_gc_time(lambda: coordinator.process_update(delivery)))
+    coordinator.audit.close()
+    checkpoints = (registry.get_sample_value("fedmq_checkpoint_seconds_count") or 0.0) - checkpoint_count
+    checkpoint_seconds = (registry.get_sample_value("fedmq_checkpoint_seconds_sum") or 0.0) - checkpoint_sum
+    decode = statistics.median(samples["decode"])
+    return SplitRow(
+        params=num_parameters,
+        add=statistics.median(samples["add"]),
+        decode=decode,
+        validate=max(0.0, statistics.median(samples["validate"]) - decode),
+        aggregate=statistics.fmean(samples["aggregate"]),  # periodic (a server step every K): mean of cycles
+        checkpoint=checkpoint_seconds / max(checkpoints, 1.0),
+        sha256=statistics.median(samples["sha256"]),
+        total=statistics.fmean(samples["total"]),
+    )
+
+
+def _delivery(body: bytes, tag: int) -> Delivery:
+    return Delivery(body=body, routing_key=routing_key("site-1", Kind.UPDATE), delivery_tag=tag, user_id="site-1")
+
+
+# ------------------------------------------------------------------------------------------------ broker drains
+
+
+class ScriptedSites:
+    """One blocking connection per site, with its own credentials, publishing pre-encoded updates with
+    confirms, round-robin over the sites."""
+
+    def __init__(self, urls: dict[str, str], shapes: dict[str, torch.Size]) -> None:
+        self.templates = {site: UpdateTemplate(site, shapes, seed=index) for index, site in enumerate(urls)}
+        self.connections = {site: pika.BlockingConnection(pika.URLParameters(url)) for site, url in urls.items()}
+        self.channels = {site: connection.channel() for site, connection in self.connections.items()}
+        for channel in self.channels.values():
+            channel.confirm_delivery()
+        self.sent = dict.fromkeys(urls, 0)
+
+    @property
+    def message_bytes(self) -> int:
+        return len(next(iter(self.templates.values())).encoded)
+
+    def publish(self, count: int) -> float:
+        """Publish ``count`` updates (each confirmed); returns the seconds it took."""
+        sites = list(self.templates)
+        started = time.perf_counter()
+        for number in range(count):
+            site = sites[number % len(sites)]
+            _, body = self.templates[site].body(self.sent[site])
+            self.sent[site] += 1
+            self.channels[site].basic_publish(
+                Exchange.UPDATES.value,
+                routing_key(site, Kind.UPDATE),
+                body,
+                pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, user_id=site),
+                mandatory=True,
+            )
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        for connection in self.connections.values():
+            if connection.is_open:
+                connection.close()
+
+
+def drain_with_bare_consumer(url: str, count: int, prefetch: int) -> list[float]:
+    """Delivery times of ``count`` messages consumed and acked by a plain pika consumer."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    channel.basic_qos(prefetch_count=prefetch)
+    times: list[float] = []
+
+    def on_message(
+        channel: Any, method: pika.spec.Basic.Deliver, properties: pika.BasicProperties, body: bytes
+    ) -> None:
+        times.append(time.time())
+        channel.basic_ack(method.delivery_tag)
+        if len(times) >= count:
+            channel.stop_consuming()
+
+    channel.basic_consume(Queue.COORDINATOR_UPDATES.value, on_message)
+    timer = threading.Timer(DRAIN_TIMEOUT_SECONDS, lambda: connection.add_callback_threadsafe(channel.stop_consuming))
+    timer.start()
+    try:
+        channel.start_consuming()
+    finally:
+        timer.cancel()
+        connection.close()
+    return times
+
+
+def drain_with_coordinator(
+    broker: BenchBroker, sites: list[str], num_parameters: int, count: int, work_dir: Path, buffer_size: int
+) -> tuple[list[float], int]:
+    """Start ``fedmq coordinator run`` on the filled queue; per-update times from its audit log."""
+    state_dir = work_dir / "coordinator"
+    (metrics_port,) = free_tcp_ports(1)
+    config_path = work_dir / "coordinator.toml"
+    config_path.write_text(
+        synthetic_coordinator_toml(
+            num_parameters=num_parameters,
+            sites=sites,
+            broker_url=broker.coordinator_url,
+            state_dir=str(state_dir),
+            metrics_port=metrics_port,
+            buffer_size=buffer_size,
+        )
+    )
+    audit_path = state_dir / "audit.jsonl"
+    with (work_dir / "coordinator.log").open("w") as log:
+        process = subprocess.Popen(
+            python_command(
+                "fedmq", "--state-dir", str(broker.state_dir), "coordinator", "run", "--config", str(config_path)
+            ),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
+            records: list[dict[str, Any]] = []
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the coordinator exited early; see {work_dir / 'coordinator.log'}")
+                records = _update_records(audit_path)
+                if len(records) >= count:
+                    break
+                time.sleep(0.2)
+        finally:
+            stop_process(process)
+    accepted = sorted(record["time"] for record in records if record["outcome"] == "accepted")
+    return accepted, sum(1 for record in records if record["outcome"] != "accepted")
+
+
+def _update_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written right now
+        if record.get("kind") == "update":
+            records.append(record)
+    return records
+
+
+def _rate(times: Sequence[float]) -> float:
+    if len(times) < 2 or times[-1] <= times[0]:
+        return float("nan")
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def messages_for(message_bytes: int, budget_mb: float) -> int:
+    return max(MIN_MESSAGES, min(MAX_MESSAGES, int(budget_mb * 1e6 / message_bytes)))
+
+
+def measure_drains(
+    broker: BenchBroker,
+    num_parameters: int,
+    *,
+    site_count: int,
+    budget_mb: float,
+    buffer_size: int,
+    work_dir: Path,
+) -> DrainRow:
+    site_ids = [f"bench-site-{index:03d}" for index in range(site_count)]
+    urls = {site: broker.site_urls.get(site) or broker.add_sites([site])[site] for site in site_ids}
+    shapes = {name: tensor.shape for name, tensor in model_tensors(num_parameters).items()}
+    sites = ScriptedSites(urls, shapes)
+    try:
+        count = messages_for(sites.message_bytes, budget_mb)
+        publish_seconds = sites.publish(count)
+        raw_times = drain_with_bare_consumer(broker.coordinator_url, count, CoordinatorConfig().update_prefetch)
+        sites.publish(count)
+    finally:
+        sites.close()
+    coordinator_times, rejected = drain_with_coordinator(
+        broker, site_ids, num_parameters, count, work_dir, buffer_size
+    )
+    return DrainRow(
+        params=num_parameters,
+        message_bytes=sites.message_bytes,
+        messages=count,
+        publish_rate=count / publish_seconds,
+        raw_rate=_rate(raw_times),
+        coordinator_rate=_rate(coordinator_times),
+        coordinator_rejected=rejected,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def format_report(drains: list[DrainRow], splits: list[SplitRow], machine: str, command: str) -> str:
+    lines = [
+        "## Coordinator throughput (`fedmq bench throughput`)",
+        "",
+        f"Machine: {machine}.  ",
+        f"Command: `{command}`",
+        "",
+        "Drain of a pre-filled update queue (quorum, persistent messages) on the same broker, one after the other: "
+        "a bare pika consumer (ack only) vs a real `fedmq coordinator run` (FedBuff K=10, server SGD; validate, "
+        "aggregate, fsync'd checkpoint and audit, ack, publish each new version). Updates published by scripted "
+        "sites, each its own broker user, with publisher confirms.",
+        "",
+        markdown_table(
+            [
+                "parameters",
+                "message MB",
+                "updates",
+                "publish+confirm /s",
+                "raw consumer /s",
+                "coordinator /s",
+                "coordinator / raw",
+                "goal",
+            ],
+            [
+                [
+                    f"{row.params:,}",
+                    f"{row.message_bytes / 1e6:.2f}",
+                    str(row.messages),
+                    f"{row.publish_rate:.1f}",
+                    f"{row.raw_rate:.1f}",
+                    f"{row.coordinator_rate:.1f}",
+                    f"{row.ratio:.2f}",
+                    (
+                        ("met" if row.ratio >= GOAL_RATIO else "NOT met")
+                        if row.params >= GOAL_FROM_PARAMS
+                        else "-"
+                    )
+                    + (f" ({row.coordinator_rejected} rejected!)" if row.coordinator_rejected else ""),
+                ]
+                for row in drains
+            ],
+        ),
+        "",
+        "Per-update coordinator time in process (no broker; the code `Coordinator.process_update` runs), in ms and "
+        "as a ratio to an in-place `x.add_(y)` of the same number of float32 values measured in the same run. "
+        "decode = `ModelUpdate.decode`; validate = the rest of `validate_update` (names, shapes, finiteness, norm, "
+        "staleness, duplicates); aggregate = `FedBuff.add` (a server step every K-th); checkpoint = the "
+        "coordinator's own `fedmq_checkpoint_seconds`; other = audit (sha256 of the body + fsync'd append), "
+        "metrics and bookkeeping. Medians, except aggregate, checkpoint and total: means over whole buffer cycles.",
+        "",
+        markdown_table(
+            [
+                "parameters",
+                "add_ ms",
+                "decode",
+                "validate",
+                "aggregate",
+                "checkpoint",
+                "other",
+                "total",
+                "(sha256 alone)",
+                "bottleneck",
+            ],
+            [
+                [f"{row.params:,}", f"{row.add * 1e3:.2f}"]
+                + [
+                    f"{seconds * 1e3:.1f} ms = {seconds / row.add:.1f}x"
+                    for seconds in (*row.phases().values(), row.total, row.sha256)
+                ]
+                + [row.bottleneck()]
+                for row in splits
+            ],
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(float(part)) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated parameter counts, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"parameter counts must be >= 1, got {text!r}")
+    return sizes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=list(DEFAULT_SIZES),
+        help="comma-separated float32 parameter counts (default: 100000,1000000,11000000)",
+    )
+    parser.add_argument(
+        "--budget-mb",
+        type=float,
+        default=DEFAULT_BUDGET_MB,
+        help=f"message bytes per drain and size; sets the update count (default {DEFAULT_BUDGET_MB:.0f})",
+    )
+    parser.add_argument("--sites", type=int, default=DEFAULT_SITES, help="scripted sites (broker users)")
+    parser.add_argument("--buffer-size", type=int, default=DEFAULT_BUFFER_SIZE, help="FedBuff K (default 10)")
+    parser.add_argument(
+        "--split-cycles",
+        type=int,
+        default=DEFAULT_SPLIT_CYCLES,
+        help="buffer cycles timed in process per size (default 2)",
+    )
+    parser.add_argument("--skip-broker", action="store_true", help="only the in-process split (no RabbitMQ)")
+    add_doc_arguments(parser)
+
+
+def add_doc_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--doc", type=Path, default=DEFAULT_DOC, help=f"markdown file to write the section into ({DEFAULT_DOC})"
+    )
+    parser.add_argument("--no-doc", action="store_true", help="print only; leave the markdown file alone")
+
+
+def run(args: argparse.Namespace) -> int:
+    work_root = args.state_dir / "bench" / "throughput"
+    work_root.mkdir(parents=True, exist_ok=True)
+    splits: list[SplitRow] = []
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory(dir=work_root) as scratch:
+            splits.append(
+                measure_split(size, cycles=args.split_cycles, buffer_size=args.buffer_size, work_dir=Path(scratch))
+            )
+        print(f"split {size:,}: total {splits[-1].total * 1e3:.1f} ms per update", flush=True)
+    drains: list[DrainRow] = []
+    rabbitmq_version = None
+    if not args.skip_broker:
+        with BenchBroker(work_root) as broker:
+            rabbitmq_version = broker.rabbitmq_version
+            for size in args.sizes:
+                with tempfile.TemporaryDirectory(dir=work_root) as scratch:
+                    drains.append(
+                        measure_drains(
+                            broker,
+                            size,
+                            site_count=args.sites,
+                            budget_mb=args.budget_mb,
+                            buffer_size=args.buffer_size,
+                            work_dir=Path(scratch),
+                        )
+                    )
+                row = drains[-1]
+                print(
+                    f"drain {size:,}: raw {row.raw_rate:.1f}/s, coordinator {row.coordinator_rate:.1f}/s "
+                    f"({row.ratio:.2f}x)",
+                    flush=True,
+                )
+    report = format_report(drains, splits, describe_machine(rabbitmq_version), command_line())
+    print()
+    print(report)
+    if not args.no_doc:
+        replace_section(args.doc, "throughput", report)
+        print(f"\nwritten to {args.doc}")
+    return 0

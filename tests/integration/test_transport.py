@@ -1,0 +1,194 @@
+"""``PikaTransport`` and ``run_reconnecting`` against a real RabbitMQ: what the agent and the coordinator rely on."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+from broker.pika_transport import ConnectionSettings, PikaTransport, run_reconnecting
+from broker.topology import BROADCAST_SITE, Exchange, Kind, Queue, routing_key, site_inbox
+from broker.transport import Delivery, PublishRefused
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import BrokerEnv
+
+SITE = "hospital-a"
+NOT_FOUND = 404
+PRECONDITION_FAILED = 406
+NO_ROUTE = 312
+WAIT_SECONDS = 15.0
+
+
+@pytest.fixture
+def open_transports() -> Iterator[Callable[[str], PikaTransport]]:
+    """``connect(url)`` -> a PikaTransport closed at teardown."""
+    transports: list[PikaTransport] = []
+
+    def connect(url: str) -> PikaTransport:
+        transport = PikaTransport.connect(ConnectionSettings(url=url, connection_name="fedmq-test"))
+        transports.append(transport)
+        return transport
+
+    yield connect
+    for transport in transports:
+        transport.close()
+
+
+def receive(transport: PikaTransport, queue: str, *, ack: bool) -> list[Delivery]:
+    """Consume ``queue`` until one delivery arrives (acking it or not)."""
+    received: list[Delivery] = []
+
+    def handler(delivery: Delivery) -> None:
+        received.append(delivery)
+        if ack:
+            transport.ack(delivery)
+
+    transport.consume(queue, handler, prefetch=1)
+    poll_until(transport, lambda: bool(received))
+    return received
+
+
+def poll_until(transport: PikaTransport, condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not condition():
+        assert time.monotonic() < deadline, "nothing arrived in time"
+        transport.poll(0.1)
+
+
+def test_confirmed_publish_is_consumed_with_the_senders_identity_and_acked(
+    broker_env: BrokerEnv, open_transports: Callable[[str], PikaTransport]
+) -> None:
+    # Prepare
+    site = broker_env.add_site(SITE)
+    site_transport = open_transports(site.url)
+    coordinator = open_transports(broker_env.coordinator_url)
+
+    # Execute: the site sends an update; the coordinator takes and acks it
+    site_transport.publish(
+        Exchange.UPDATES.value, routing_key(SITE, Kind.UPDATE), b"delta", user_id=SITE, message_id="update-1"
+    )
+    received = receive(coordinator, Queue.COORDINATOR_UPDATES.value, ack=True)
+    coordinator.close()
+
+    # Assert
+    [delivery] = received
+    assert (delivery.body, delivery.user_id, delivery.message_id) == (b"delta", SITE, "update-1")
+    assert (delivery.exchange, delivery.routing_key, delivery.redelivered) == (
+        Exchange.UPDATES.value,
+        routing_key(SITE, Kind.UPDATE),
+        False,
+    )
+    assert broker_env.message_count(Queue.COORDINATOR_UPDATES.value) == 0
+
+
+def test_unacked_delivery_comes_back_redelivered_after_close(
+    broker_env: BrokerEnv, open_transports: Callable[[str], PikaTransport]
+) -> None:
+    # Prepare
+    site = broker_env.add_site(SITE)
+    coordinator = open_transports(broker_env.coordinator_url)
+    coordinator.publish(Exchange.MODELS.value, routing_key(BROADCAST_SITE, Kind.MODEL), b"model v3")
+
+    # Execute: the site takes the model and drops the connection before acking it
+    first_connection = open_transports(site.url)
+    [first] = receive(first_connection, site_inbox(SITE), ack=False)
+    first_connection.close()
+    [again] = receive(open_transports(site.url), site_inbox(SITE), ack=True)
+
+    # Assert
+    assert (first.body, first.redelivered) == (b"model v3", False)
+    assert (again.body, again.redelivered) == (b"model v3", True)
+
+
+@pytest.mark.parametrize(
+    ("exchange", "key", "user_id", "reply_code"),
+    [
+        ("fedmq.no-such-exchange", "site.hospital-a.update", None, NOT_FOUND),
+        (Exchange.UPDATES.value, "site.hospital-a.update", "hospital-b", PRECONDITION_FAILED),
+        (Exchange.MODELS.value, "site.nobody.model", None, NO_ROUTE),
+    ],
+    ids=["missing-exchange", "wrong-user-id", "unroutable"],
+)
+def test_refused_publish_raises_with_the_reply_code_and_the_transport_stays_usable(
+    broker_env: BrokerEnv,
+    open_transports: Callable[[str], PikaTransport],
+    exchange: str,
+    key: str,
+    user_id: str | None,
+    reply_code: int,
+) -> None:
+    # Prepare: the coordinator is consuming (a refused publish must not cost it its consumer)
+    broker_env.add_site(SITE)
+    coordinator = open_transports(broker_env.coordinator_url)
+    received: list[Delivery] = []
+    coordinator.consume(Queue.COORDINATOR_STATUS.value, lambda delivery: received.append(delivery), prefetch=5)
+
+    # Execute
+    with pytest.raises(PublishRefused) as refused:
+        coordinator.publish(exchange, key, b"refused", user_id=user_id)
+    coordinator.publish(Exchange.STATUS.value, routing_key(SITE, Kind.HEARTBEAT), b"still works")
+    poll_until(coordinator, lambda: bool(received))
+
+    # Assert
+    assert refused.value.reply_code == reply_code
+    assert [delivery.body for delivery in received] == [b"still works"]
+
+
+def test_run_reconnecting_survives_the_broker_closing_the_connection(broker_env: BrokerEnv) -> None:
+    # Prepare: a session that consumes the site's inbox until told to stop, run on its own thread
+    site = broker_env.add_site(SITE)
+    settings = ConnectionSettings(url=site.url, connection_name="fedmq-test-reconnecting")
+    stop = threading.Event()
+    sessions: list[int] = []
+    received: list[bytes] = []
+
+    def session(transport: PikaTransport) -> str:
+        sessions.append(len(sessions) + 1)
+
+        def handler(delivery: Delivery) -> None:
+            received.append(delivery.body)
+            transport.ack(delivery)
+
+        transport.consume(site_inbox(SITE), handler)
+        while not stop.is_set():
+            transport.poll(0.1)
+        return "finished"
+
+    results: list[str | None] = []
+    runner = threading.Thread(
+        target=lambda: results.append(run_reconnecting(settings, session, should_stop=stop.is_set, max_wait_seconds=1))
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not sessions:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        # Execute: the broker closes the site's connection, then a model is published
+        broker_env.close_connections(SITE)
+        deadline = time.monotonic() + WAIT_SECONDS
+        while len(sessions) < 2:
+            assert time.monotonic() < deadline, "no new session after the connection was closed"
+            time.sleep(0.05)
+        coordinator = PikaTransport.connect(ConnectionSettings(url=broker_env.coordinator_url))
+        try:
+            coordinator.publish(Exchange.MODELS.value, routing_key(BROADCAST_SITE, Kind.MODEL), b"model v1")
+        finally:
+            coordinator.close()
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not received:
+            assert time.monotonic() < deadline, "the reconnected session received nothing"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        runner.join(timeout=WAIT_SECONDS)
+
+    # Assert
+    assert sessions == [1, 2]
+    assert received == [b"model v1"]
+    assert results == ["finished"] and not runner.is_alive()

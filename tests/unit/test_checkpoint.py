@@ -1,0 +1,226 @@
+"""CheckpointStore: what is on disk after a save, and what a new process reads back after a crash."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import torch
+
+from coordinator.checkpoint import MANIFEST, TENSOR_DIR, CheckpointError, CheckpointStore, write_file_durably
+
+
+def tensor_files(directory: Path) -> dict[str, int]:
+    """Tensor file name -> modification time in ns."""
+    return {path.name: path.stat().st_mtime_ns for path in sorted((directory / TENSOR_DIR).glob("*.bin"))}
+
+
+def assert_same_state(actual: Any, expected: Any) -> None:
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor)
+        assert actual.dtype == expected.dtype
+        assert actual.shape == expected.shape
+        assert torch.equal(actual, expected)
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict)
+        assert list(actual) == list(expected)
+        for key, value in expected.items():
+            assert_same_state(actual[key], value)
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, list)
+        assert len(actual) == len(expected)
+        for actual_item, expected_item in zip(actual, expected, strict=True):
+            assert_same_state(actual_item, expected_item)
+    else:
+        assert actual == expected
+
+
+def nested_state() -> dict[str, Any]:
+    return {
+        "version": 7,
+        "params": {
+            "conv.weight": torch.arange(24, dtype=torch.float32).reshape(2, 3, 4) / 7,
+            "conv.bias": torch.tensor([1.5, -2.25], dtype=torch.float64),
+            "bn.num_batches_tracked": torch.tensor(12, dtype=torch.int64),
+        },
+        "history": {"6": {"w": torch.tensor([0.1, 0.2], dtype=torch.bfloat16)}},
+        "mixed": [
+            torch.tensor([1, -2, 3], dtype=torch.int8),
+            torch.tensor([250, 3], dtype=torch.uint8),
+            torch.tensor([True, False, True]),
+            torch.tensor([0.5], dtype=torch.float16),
+            torch.tensor([-7], dtype=torch.int32),
+            torch.empty(0, 3),
+        ],
+        "duplicates": {"recent_ids": ["u1", "u2"], "last_seq": {"a": 3}},
+        "started_at": 1.5,
+        "label": "run",
+        "nothing": None,
+    }
+
+
+def test_a_nested_state_round_trips_through_a_new_store(tmp_path: Path) -> None:
+    # Prepare
+    state = nested_state()
+    CheckpointStore(tmp_path).save(state)
+
+    # Execute
+    loaded = CheckpointStore(tmp_path).load()
+
+    # Assert
+    assert_same_state(loaded, state)
+
+
+def test_load_without_a_checkpoint_is_none(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+
+    assert store.load() is None
+    assert not store.exists
+
+
+def test_the_same_tensor_twice_in_a_state_is_stored_once(tmp_path: Path) -> None:
+    # Prepare: FedAsync's history holds the current params object itself
+    params = {"w": torch.ones(3)}
+    store = CheckpointStore(tmp_path)
+
+    # Execute
+    store.save({"params": params, "history": {"0": params}})
+
+    # Assert
+    assert len(tensor_files(tmp_path)) == 1
+    loaded = CheckpointStore(tmp_path).load()
+    assert loaded is not None
+    assert torch.equal(loaded["history"]["0"]["w"], torch.ones(3))
+
+
+def test_an_unchanged_tensor_is_not_written_again_and_a_replaced_one_is_removed(tmp_path: Path) -> None:
+    # Prepare
+    kept, replaced = torch.ones(4), torch.zeros(4)
+    store = CheckpointStore(tmp_path)
+    store.save({"model": {"kept": kept, "replaced": replaced}})
+    before = tensor_files(tmp_path)
+    assert len(before) == 2
+
+    # Execute: the federation logic never edits in place, it makes a new tensor
+    store.save({"model": {"kept": kept, "replaced": replaced + 1}})
+
+    # Assert: the kept tensor's file is the same file (name and mtime), the replaced one's file is gone
+    after = tensor_files(tmp_path)
+    assert len(after) == 2
+    unchanged = set(before) & set(after)
+    assert len(unchanged) == 1
+    [kept_file] = unchanged
+    assert after[kept_file] == before[kept_file]
+    loaded = CheckpointStore(tmp_path).load()
+    assert loaded is not None
+    assert torch.equal(loaded["model"]["replaced"], torch.ones(4))
+
+
+def test_a_restarted_store_does_not_rewrite_what_it_loaded(tmp_path: Path) -> None:
+    # Prepare
+    CheckpointStore(tmp_path).save(nested_state())
+    before = tensor_files(tmp_path)
+    store = CheckpointStore(tmp_path)
+    loaded = store.load()
+    assert loaded is not None
+
+    # Execute: the resumed process checkpoints its state plus one new tensor
+    loaded["params"]["new"] = torch.ones(2)
+    store.save(loaded)
+
+    # Assert: one file more, all others untouched
+    after = tensor_files(tmp_path)
+    assert set(before) < set(after)
+    assert len(after) == len(before) + 1
+    assert all(after[name] == mtime for name, mtime in before.items())
+
+
+def test_tensor_files_no_checkpoint_mentions_are_removed(tmp_path: Path) -> None:
+    # Prepare
+    store = CheckpointStore(tmp_path)
+    store.save({"buffer": [torch.ones(2), torch.ones(3)]})
+
+    # Execute
+    store.save({"buffer": []})
+
+    # Assert
+    assert tensor_files(tmp_path) == {}
+
+
+def test_tensor_files_left_by_a_crash_mid_save_are_removed_on_the_next_load(tmp_path: Path) -> None:
+    # Prepare: a save that wrote its tensor file but died before the manifest rename
+    CheckpointStore(tmp_path).save({"w": torch.ones(2)})
+    committed = tensor_files(tmp_path)
+    orphan = tmp_path / TENSOR_DIR / "000000000099.bin"
+    orphan.write_bytes(b"\x00" * 5)
+
+    # Execute
+    store = CheckpointStore(tmp_path)
+    loaded = store.load()
+    store.save({"w": torch.zeros(2)})
+
+    # Assert
+    assert loaded is not None
+    assert torch.equal(loaded["w"], torch.ones(2))
+    assert not orphan.exists()
+    assert len(tensor_files(tmp_path)) == 1
+    assert set(tensor_files(tmp_path)).isdisjoint(committed)
+
+
+def test_a_torn_temp_manifest_does_not_break_load_or_the_next_save(tmp_path: Path) -> None:
+    # Prepare: a crash in the middle of writing the next manifest
+    store = CheckpointStore(tmp_path)
+    store.save({"version": 3, "w": torch.ones(2)})
+    torn = tmp_path / f".{MANIFEST}.tmp"
+    torn.write_bytes(msgpack.packb({"version": 4, "w": {"__tensor__": "0000"}})[:9])
+
+    # Execute
+    restarted = CheckpointStore(tmp_path)
+    loaded = restarted.load()
+
+    # Assert
+    assert loaded is not None
+    assert loaded["version"] == 3
+    assert torch.equal(loaded["w"], torch.ones(2))
+    restarted.save({"version": 4, "w": loaded["w"]})
+    reloaded = CheckpointStore(tmp_path).load()
+    assert reloaded is not None
+    assert reloaded["version"] == 4
+    assert not torn.exists()
+
+
+def test_an_unreadable_manifest_is_a_checkpoint_error(tmp_path: Path) -> None:
+    # Prepare
+    CheckpointStore(tmp_path).save({"w": torch.ones(2)})
+    (tmp_path / MANIFEST).write_bytes(b"\xc1\xc1")
+
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match="unreadable"):
+        CheckpointStore(tmp_path).load()
+
+
+def test_a_truncated_tensor_file_is_a_checkpoint_error_naming_it(tmp_path: Path) -> None:
+    # Prepare
+    CheckpointStore(tmp_path).save({"w": torch.ones(4)})
+    [name] = tensor_files(tmp_path)
+    (tmp_path / TENSOR_DIR / name).write_bytes(b"\x00" * 3)
+
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match=name):
+        CheckpointStore(tmp_path).load()
+
+
+def test_write_file_durably_replaces_the_file_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    # Prepare
+    target = tmp_path / "run_summary.json"
+    target.write_text("old")
+
+    # Execute
+    write_file_durably(target, b"new")
+
+    # Assert
+    assert target.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["run_summary.json"]
