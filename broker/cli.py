@@ -12,12 +12,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pika
+import pika.exceptions
+
 from broker import topology
-from broker.declare import declare_topology_at
-from broker.errors import BrokerError, BrokerNotConfigured
+from broker.certs import CertificateSettings, CertificateStore
+from broker.declare import declare_topology, declare_topology_at
+from broker.errors import BrokerError, BrokerNotConfigured, BrokerNotReachable, DeclarationError
 from broker.node import (
+    ADMIN_USER,
     DEFAULT_START_TIMEOUT,
     DEFAULT_STOP_TIMEOUT,
+    WILDCARD_ADDRESSES,
     BrokerAccess,
     LocalNode,
     NodeSettings,
@@ -25,6 +31,7 @@ from broker.node import (
     saved_node_settings,
 )
 from broker.provisioning import (
+    SITES_DIRNAME,
     add_site,
     ensure_coordinator_user,
     list_sites,
@@ -50,8 +57,14 @@ Typical use:
   fedmq broker list-sites
   fedmq broker down
 
+With TLS (client certificates; the broker logs each hospital in by its certificate's CN):
+  fedmq broker up --tls              AMQPS only (port 5681 unless --amqps-port); makes the CA if missing
+  fedmq broker add-site hospital-a   issues hospital-a's certificate; its config names it
+  fedmq broker certs                 (re)issue what is missing or expiring: CA, broker, clients
+
 Everything lives under the state dir (--state-dir, $FEDMQ_STATE_DIR or ./.fedmq): broker/ holds the node's
-data, logs and admin.toml (the administrator's credentials), sites/NAME.toml each hospital's config file.
+data, logs and admin.toml (the administrator's credentials), sites/NAME.toml each hospital's config file,
+certs/ the private CA and every certificate it issued.
 """
 
 
@@ -99,6 +112,14 @@ def register(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     up.add_argument(
         "--public-host", help="host name written into the URLs handed to sites (default: the --bind address)"
     )
+    up.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="listen only for AMQPS with client certificates, logging clients in by their CN; the plain AMQP "
+        "listener is off and certificates missing under <state dir>/certs are made (default: as last time)",
+    )
+    up.add_argument("--amqps-port", type=int, help=f"AMQPS port with --tls (default {defaults.amqps_port})")
     up.add_argument(
         "--timeout",
         type=float,
@@ -152,11 +173,38 @@ def register(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     add.add_argument(
         "--rotate-password",
         action="store_true",
-        help="the site exists: give it a new password, close its connections and rewrite its file",
+        help="the site exists: give it a new password (with TLS: a new certificate; the old one stays valid "
+        "until the CA is renewed), close its connections and rewrite its file",
     )
     add.add_argument("--public-host", help="broker host written into the URL (default: from admin.toml)")
     add.add_argument("--public-port", type=int, help="broker AMQP port written into the URL (default: admin.toml)")
     add.set_defaults(handler=_guarded(_add_site))
+
+    certs = actions.add_parser(
+        "certs",
+        help="make the private CA and the broker's, coordinator's and hospitals' certificates (idempotent)",
+        description="Under <state dir>/certs: a private CA (ca.pem, ca.key), the broker's server certificate "
+        "(broker.pem; SAN localhost, 127.0.0.1, the node's host and every --host) and client certificates "
+        "clients/NAME.pem with CN = NAME for the administrator, the coordinator (fedmq-coordinator), every "
+        "provisioned site and every --site. Keys are mode 0600. What exists and is still good is kept; a "
+        "certificate is reissued when missing, expiring within 30 days, not signed by the current CA or "
+        "lacking a host name.",
+    )
+    certs.add_argument(
+        "--site", action="append", default=[], metavar="NAME", help="also issue a certificate for this site"
+    )
+    certs.add_argument(
+        "--host", action="append", default=[], metavar="NAME", help="a host name or address for the broker"
+    )
+    certs.add_argument(
+        "--renew-ca",
+        action="store_true",
+        help="replace the CA and reissue every certificate (restart the broker, send each hospital its new files)",
+    )
+    certs.add_argument(
+        "--days", type=int, default=CertificateSettings.leaf_days, help="validity of new certificates in days"
+    )
+    certs.set_defaults(handler=_guarded(_certs))
 
     remove = actions.add_parser(
         "remove-site",
@@ -205,8 +253,37 @@ def _requested_settings(args: argparse.Namespace, saved: NodeSettings | None) ->
         "prometheus_port": args.prometheus_port,
         "bind": args.bind,
         "public_host": args.public_host,
+        "tls": args.tls,
+        "amqps_port": args.amqps_port,
     }
     return dataclasses.replace(base, **{key: value for key, value in overrides.items() if value is not None})
+
+
+def _certificates(access: BrokerAccess, state_dir: Path) -> CertificateStore | None:
+    """The CA that issues client certificates when the broker logs clients in by certificate."""
+    return CertificateStore.for_state_dir(state_dir) if access.tls is not None else None
+
+
+def _declare_as_admin(access: BrokerAccess, vhost: str, sites: list[str]) -> None:
+    """``declare_topology_at``, over TLS with the administrator's certificate when the broker wants one."""
+    if access.tls is None:
+        declare_topology_at(access.admin_url(vhost), sites)
+        return
+    try:
+        connection = pika.BlockingConnection(access.connection_parameters(vhost))
+    except pika.exceptions.AMQPConnectionError as exc:
+        raise BrokerNotReachable(
+            f"cannot connect to {access.admin_url(vhost)} to declare the topology: {exc!r}"
+        ) from exc
+    try:
+        declare_topology(connection.channel(), sites)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        raise DeclarationError(
+            f"the broker refused to declare the topology ({exc.reply_code} {exc.reply_text})"
+        ) from exc
+    finally:
+        if connection.is_open:
+            connection.close()
 
 
 def _prepare_broker(access: BrokerAccess, vhost: str, state_dir: Path) -> tuple[Path, int]:
@@ -215,10 +292,15 @@ def _prepare_broker(access: BrokerAccess, vhost: str, state_dir: Path) -> tuple[
     management.create_vhost(vhost)
     management.set_permissions(vhost, access.admin_user, configure=".*", write=".*", read=".*")
     coordinator_file = ensure_coordinator_user(
-        management, vhost=vhost, amqp_host=access.amqp_host, amqp_port=access.amqp_port, state_dir=state_dir
+        management,
+        vhost=vhost,
+        amqp_host=access.amqp_host,
+        amqp_port=access.amqp_port,
+        state_dir=state_dir,
+        certificates=_certificates(access, state_dir),
     )
     sites = [site.site_id for site in list_sites(management, vhost=vhost, state_dir=state_dir) if site.provisioned]
-    declare_topology_at(access.admin_url(vhost), sites)
+    _declare_as_admin(access, vhost, sites)
     return coordinator_file, len(sites)
 
 
@@ -242,9 +324,12 @@ def _up(args: argparse.Namespace) -> int:
     verb = "started" if started else "is already running"
     print(f"RabbitMQ node {node.node_name} {verb} (pid {node.running_pid()}); data in {node.broker_dir}")
     print(f"  AMQP URL (coordinator): {redact_url(read_broker_url(coordinator_file))}")
-    print(f"                          full URL with password in {coordinator_file}")
+    credentials = "URL and certificate paths" if access.tls is not None else "full URL with password"
+    print(f"                          {credentials} in {coordinator_file}")
     print(f"  management UI and API:  {access.management_url}  (user {access.admin_user}, see {node.admin_file})")
     print(f"  Prometheus metrics:     {access.prometheus_url}")
+    if access.tls is not None:
+        print(f"  TLS: AMQPS only, client certificates required; CA and certificates in {node.certificates.directory}")
     print(f"  topology declared in vhost {args.vhost!r} ({site_count} provisioned sites)")
     if site_count == 0:
         print("Next: fedmq broker add-site NAME")
@@ -276,7 +361,7 @@ def _status(args: argparse.Namespace) -> int:
         return EXIT_NOT_RUNNING
     access = status.access
     print(f"RabbitMQ node {status.node_name} is running (pid {status.pid}, RabbitMQ {status.rabbitmq_version})")
-    print(f"  AMQP:                  {access.amqp_host}:{access.amqp_port}")
+    print(f"  {('AMQPS' if access.tls else 'AMQP') + ':':<23}{access.amqp_host}:{access.amqp_port}")
     print(f"  management UI and API: {access.management_url}")
     print(f"  Prometheus metrics:    {access.prometheus_url}")
     return EXIT_OK
@@ -302,8 +387,32 @@ def _add_site(args: argparse.Namespace) -> int:
         vhost=args.vhost,
         state_dir=args.state_dir,
         rotate_password=args.rotate_password,
+        certificates=_certificates(access, args.state_dir),
     )
     print(path)
+    return EXIT_OK
+
+
+def _certs(args: argparse.Namespace) -> int:
+    state_dir: Path = args.state_dir
+    store = CertificateStore.for_state_dir(state_dir, CertificateSettings(leaf_days=args.days))
+    hosts = list(args.host)
+    settings = saved_node_settings(state_dir)
+    if settings is not None:  # the names the local node is reached by
+        hosts += [name for name in (settings.public_host, settings.bind) if name and name not in WILDCARD_ADDRESSES]
+    sites_dir = state_dir / SITES_DIRNAME
+    provisioned = sorted(path.stem for path in sites_dir.glob("*.toml")) if sites_dir.is_dir() else []
+    for site_id in args.site:
+        topology.validate_site_id(site_id)
+    clients = [ADMIN_USER, topology.COORDINATOR_USER, *provisioned, *args.site]
+    outcomes = store.ensure_all(hosts=hosts, clients=clients, renew_ca=args.renew_ca)
+    for outcome in outcomes:
+        verb = "issued" if outcome.issued else "kept  "
+        print(f"{verb}  {outcome.name:<24} {outcome.files.cert_file}")
+    print(f"CA certificate (give it to every hospital): {store.ca_file}; its key {store.ca_key_file} stays here")
+    if args.renew_ca:
+        print("The CA is new: restart the broker (fedmq broker down; fedmq broker up) and send every hospital its new")
+        print("certificate, key and ca.pem.")
     return EXIT_OK
 
 

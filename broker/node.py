@@ -15,6 +15,11 @@ The node has its own name (``fedmq-<hash of the state dir>@localhost``) and port
 told otherwise, and runs detached so it outlives the ``fedmq broker up`` that started it. Its only user is
 the generated administrator (``default_user``), so the ``guest`` user never exists.
 
+With ``tls`` the node has one AMQPS listener and no plain one: it requires a client certificate signed by the
+federation's CA (``broker.certs``, under ``<state dir>/certs/``) and logs the client in as the certificate's CN
+(EXTERNAL). The administrator then connects with its own certificate (CN ``fedmq-admin``), listed in the
+``[tls]`` table of admin.toml; the management API stays plain HTTP on the bind address for provisioning.
+
 ``admin.toml`` is also how fedmq talks to a broker it did not start (Docker, a managed RabbitMQ): write its
 top-level keys and ``[admin]`` by hand, leave out ``[node]``, and ``fedmq broker add-site`` etc. work as usual.
 """
@@ -39,6 +44,7 @@ import pika
 import pika.exceptions
 
 from broker import topology
+from broker.certs import CertificateStore, TlsFiles
 from broker.errors import (
     BrokerError,
     BrokerNotConfigured,
@@ -47,11 +53,13 @@ from broker.errors import (
     BrokerStartError,
 )
 from broker.management import ManagementClient
-from broker.provisioning import amqp_url, read_toml, toml_string, write_private_file
+from broker.pika_transport import ConnectionSettings
+from broker.provisioning import amqp_url, amqps_url, read_toml, toml_string, write_private_file
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_AMQP_PORT = 5682
+DEFAULT_AMQPS_PORT = 5681
 DEFAULT_DIST_PORT = 25682
 DEFAULT_MANAGEMENT_PORT = 15682
 DEFAULT_PROMETHEUS_PORT = 15702
@@ -87,6 +95,9 @@ class NodeSettings:
     public_host: str | None = None
     # How often the broker refreshes queue/connection statistics for the management API and Prometheus.
     statistics_interval_ms: int = 5000
+    # One AMQPS listener requiring client certificates (login by CN) instead of the plain AMQP listener.
+    tls: bool = False
+    amqps_port: int = DEFAULT_AMQPS_PORT
 
 
 @dataclass(frozen=True)
@@ -99,9 +110,26 @@ class BrokerAccess:
     prometheus_url: str
     admin_user: str
     admin_password: str
+    # With TLS: the CA and the administrator's client certificate; amqp_port is then the AMQPS port.
+    tls: TlsFiles | None = None
 
     def admin_url(self, vhost: str = topology.VHOST) -> str:
+        """With TLS an ``amqps://`` URL without credentials: connect with ``connection_parameters``."""
+        if self.tls is not None:
+            return amqps_url(self.amqp_host, self.amqp_port, vhost)
         return amqp_url(self.admin_user, self.admin_password, self.amqp_host, self.amqp_port, vhost)
+
+    def connection_parameters(self, vhost: str = topology.VHOST) -> pika.ConnectionParameters:
+        """The administrator's AMQP login: the password, or over TLS its client certificate."""
+        if self.tls is None:
+            return pika.URLParameters(self.admin_url(vhost))
+        return ConnectionSettings(
+            url=self.admin_url(vhost),
+            ca_file=str(self.tls.ca_file),
+            cert_file=str(self.tls.cert_file),
+            key_file=str(self.tls.key_file),
+            connection_name="fedmq-admin",
+        ).parameters()
 
     def management(self, *, timeout: float = 10.0) -> ManagementClient:
         return ManagementClient(self.management_url, self.admin_user, self.admin_password, timeout=timeout)
@@ -135,7 +163,11 @@ def load_access(state_dir: Path) -> BrokerAccess:
         )
     raw = read_toml(path)
     admin = raw.get("admin", {})
+    tls_table = raw.get("tls")
     try:
+        tls = None
+        if isinstance(tls_table, dict):  # relative paths are read from admin.toml's directory
+            tls = TlsFiles(*(path.parent / str(tls_table[key]) for key in ("ca_file", "cert_file", "key_file")))
         return BrokerAccess(
             amqp_host=str(raw["amqp_host"]),
             amqp_port=int(raw["amqp_port"]),
@@ -143,6 +175,7 @@ def load_access(state_dir: Path) -> BrokerAccess:
             prometheus_url=str(raw.get("prometheus_url", "")),
             admin_user=str(admin["user"]),
             admin_password=str(admin["password"]),
+            tls=tls,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BrokerNotConfigured(f"{path} lacks or garbles {exc}: rewrite it or run `fedmq broker up`") from exc
@@ -160,7 +193,8 @@ def saved_node_settings(state_dir: Path) -> NodeSettings | None:
     defaults = NodeSettings()
     try:
         return NodeSettings(
-            amqp_port=int(raw.get("amqp_port", defaults.amqp_port)),
+            # With TLS the top-level amqp_port is the AMQPS port; [node] keeps the plain one.
+            amqp_port=int(node.get("amqp_port", raw.get("amqp_port", defaults.amqp_port))),
             dist_port=int(node.get("dist_port", defaults.dist_port)),
             management_port=int(node.get("management_port", defaults.management_port)),
             prometheus_port=int(node.get("prometheus_port", defaults.prometheus_port)),
@@ -168,6 +202,8 @@ def saved_node_settings(state_dir: Path) -> NodeSettings | None:
             bind=str(node.get("bind", defaults.bind)),
             public_host=str(node["public_host"]) if node.get("public_host") else None,
             statistics_interval_ms=int(node.get("statistics_interval_ms", defaults.statistics_interval_ms)),
+            tls=bool(node.get("tls", defaults.tls)),
+            amqps_port=int(node.get("amqps_port", defaults.amqps_port)),
         )
     except (TypeError, ValueError) as exc:
         raise BrokerNotConfigured(f"{path} has a malformed [node] table: {exc}") from exc
@@ -233,6 +269,8 @@ class LocalNode:
         bind: str = LOOPBACK,
         public_host: str | None = None,
         statistics_interval_ms: int = 5000,
+        tls: bool = False,
+        amqps_port: int = DEFAULT_AMQPS_PORT,
         rabbitmq_scripts_dir: Path | None = None,
     ) -> None:
         self.state_dir = state_dir.resolve()
@@ -245,8 +283,11 @@ class LocalNode:
             bind=bind,
             public_host=public_host,
             statistics_interval_ms=statistics_interval_ms,
+            tls=tls,
+            amqps_port=amqps_port,
         )
         self.node_name = node_name or default_node_name(self.state_dir)
+        self.certificates = CertificateStore.for_state_dir(self.state_dir)
         self.rabbitmq_scripts_dir = rabbitmq_scripts_dir
         self.broker_dir = self.state_dir / "broker"
         self.admin_file = self.broker_dir / "admin.toml"
@@ -288,12 +329,21 @@ class LocalNode:
         url_host = f"[{host}]" if ":" in host else host
         return BrokerAccess(
             amqp_host=host,
-            amqp_port=settings.amqp_port,
+            amqp_port=settings.amqps_port if settings.tls else settings.amqp_port,
             management_url=f"http://{url_host}:{settings.management_port}",
             prometheus_url=f"http://{url_host}:{settings.prometheus_port}/metrics",
             admin_user=ADMIN_USER,
             admin_password=password or secrets.token_hex(24),
+            tls=self.certificates.client_files(ADMIN_USER) if settings.tls else None,
         )
+
+    def broker_hosts(self) -> list[str]:
+        """Names the broker certificate must carry, besides localhost and 127.0.0.1."""
+        settings = self.settings
+        hosts = [self.access.amqp_host]
+        if settings.bind not in WILDCARD_ADDRESSES:
+            hosts.append(settings.bind)
+        return hosts
 
     def _write_admin_file(self) -> None:
         access, settings = self.access, self.settings
@@ -309,6 +359,16 @@ class LocalNode:
             f"user = {toml_string(access.admin_user)}",
             f"password = {toml_string(access.admin_password)}",
             "",
+        ]
+        if access.tls is not None:
+            lines += [
+                "[tls]  # the administrator's AMQPS login: the CA and its client certificate (CN = the admin user)",
+                f"ca_file = {toml_string(str(access.tls.ca_file))}",
+                f"cert_file = {toml_string(str(access.tls.cert_file))}",
+                f"key_file = {toml_string(str(access.tls.key_file))}",
+                "",
+            ]
+        lines += [
             "[node]",
             f"name = {toml_string(self.node_name)}",
             f"bind = {toml_string(settings.bind)}",
@@ -316,18 +376,41 @@ class LocalNode:
             f"management_port = {settings.management_port}",
             f"prometheus_port = {settings.prometheus_port}",
             f"statistics_interval_ms = {settings.statistics_interval_ms}",
+            f"amqp_port = {settings.amqp_port}",
+            f"tls = {'true' if settings.tls else 'false'}",
+            f"amqps_port = {settings.amqps_port}",
         ]
         if settings.public_host:
             lines.append(f"public_host = {toml_string(settings.public_host)}")
         write_private_file(self.admin_file, "\n".join(lines) + "\n")
+
+    def _listener_conf(self) -> list[str]:
+        """The plain AMQP listener, or only an AMQPS one that wants a client certificate and logs in by its CN."""
+        settings = self.settings
+        # RabbitMQ splits at the last colon, so IPv6 addresses go in without brackets (:::5682).
+        if not settings.tls:
+            return [f"listeners.tcp.1 = {settings.bind}:{settings.amqp_port}"]
+        broker = self.certificates.broker_files()
+        return [
+            "listeners.tcp = none",
+            f"listeners.ssl.1 = {settings.bind}:{settings.amqps_port}",
+            f"ssl_options.cacertfile = {broker.ca_file}",
+            f"ssl_options.certfile = {broker.cert_file}",
+            f"ssl_options.keyfile = {broker.key_file}",
+            "ssl_options.verify = verify_peer",
+            "ssl_options.fail_if_no_peer_cert = true",
+            "ssl_options.versions.1 = tlsv1.3",
+            "ssl_options.versions.2 = tlsv1.2",
+            "auth_mechanisms.1 = EXTERNAL",
+            "ssl_cert_login_from = common_name",
+        ]
 
     def _rabbitmq_conf(self) -> str:
         settings, access = self.settings, self.access
         return "\n".join(
             [
                 "# Generated by fedmq on every `fedmq broker up`; edits are overwritten.",
-                # RabbitMQ splits at the last colon, so IPv6 addresses go in without brackets (:::5682).
-                f"listeners.tcp.1 = {settings.bind}:{settings.amqp_port}",
+                *self._listener_conf(),
                 f"management.tcp.ip = {settings.bind}",
                 f"management.tcp.port = {settings.management_port}",
                 f"prometheus.tcp.ip = {settings.bind}",
@@ -352,6 +435,10 @@ class LocalNode:
         for directory in (self.broker_dir, self.mnesia_dir, self.log_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self.broker_dir.chmod(0o700)  # the data holds password hashes and queued model updates
+        if self.settings.tls:  # the CA, the broker's certificate and the administrator's, made if missing
+            self.certificates.ensure_ca()
+            self.certificates.ensure_broker(self.broker_hosts())
+            self.certificates.ensure_client(ADMIN_USER)
         self._write_admin_file()
         write_private_file(self.config_file, self._rabbitmq_conf())
         write_private_file(self.enabled_plugins_file, f"[{','.join(ENABLED_PLUGINS)}].\n")
@@ -368,7 +455,6 @@ class LocalNode:
             **inherited,
             "HOME": str(self.broker_dir),
             "RABBITMQ_NODENAME": self.node_name,
-            "RABBITMQ_NODE_PORT": str(settings.amqp_port),
             "RABBITMQ_DIST_PORT": str(settings.dist_port),
             "RABBITMQ_MNESIA_BASE": str(self.mnesia_dir),
             "RABBITMQ_LOG_BASE": str(self.log_dir),
@@ -378,6 +464,8 @@ class LocalNode:
             "RABBITMQ_CONF_ENV_FILE": str(self.env_file),
             "RABBITMQ_PID_FILE": str(self.pid_file),
         }
+        if not settings.tls:  # with TLS there is no plain listener for it to name
+            environment["RABBITMQ_NODE_PORT"] = str(settings.amqp_port)
         if settings.bind == LOOPBACK:  # keep the Erlang distribution port off the network too
             environment["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"] = "-kernel inet_dist_use_interface {127,0,0,1}"
         return environment
@@ -431,7 +519,7 @@ class LocalNode:
     def _check_ports_free(self) -> None:
         settings = self.settings
         for option, port in (
-            ("amqp", settings.amqp_port),
+            ("amqps", settings.amqps_port) if settings.tls else ("amqp", settings.amqp_port),
             ("dist", settings.dist_port),
             ("management", settings.management_port),
             ("prometheus", settings.prometheus_port),
@@ -499,7 +587,7 @@ class LocalNode:
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             try:
-                connection = pika.BlockingConnection(pika.URLParameters(self.access.admin_url()))
+                connection = pika.BlockingConnection(self.access.connection_parameters())
                 connection.close()
                 self.access.management(timeout=5).overview()
                 return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -73,7 +74,9 @@ class ConnectionSettings:
             if self.cert_file:
                 context.load_cert_chain(self.cert_file, self.key_file)
             params.ssl_options = pika.SSLOptions(context, params.host)
-            if self.cert_file and not params.credentials.username:
+            # pika fills in guest/guest when the URL has no user, so ask the URL itself: no user + a client
+            # certificate means the certificate is the login (the broker takes the user from its CN).
+            if self.cert_file and not urllib.parse.urlsplit(self.url).username:
                 params.credentials = pika.credentials.ExternalCredentials()
         return params
 

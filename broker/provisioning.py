@@ -8,6 +8,10 @@ control queue, declare nothing. The password is generated here and written only 
 
 Queues are declared through the management API (as the administrator), from the same topology specs that
 ``broker.declare`` uses over AMQP, so a site's inbox exists before the site first connects.
+
+On a TLS broker (``certificates`` given) users get no password at all: the broker logs them in by the CN of
+their client certificate, which is issued here, and the config file holds an ``amqps://`` URL without
+credentials plus ``ca_file``, ``cert_file`` and ``key_file``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from broker import topology
+from broker.certs import CertificateStore, TlsFiles
 from broker.errors import BrokerNotConfigured, ManagementError, ProvisioningError
 from broker.management import ManagementClient
 
@@ -68,6 +73,12 @@ def amqp_url(user: str, password: str, host: str, port: int, vhost: str) -> str:
     netloc_host = f"[{host}]" if ":" in host and not host.startswith("[") else host
     quoted = [urllib.parse.quote(part, safe="") for part in (user, password, vhost)]
     return f"amqp://{quoted[0]}:{quoted[1]}@{netloc_host}:{port}/{quoted[2]}"
+
+
+def amqps_url(host: str, port: int, vhost: str) -> str:
+    """``amqps://host:port/vhost`` without credentials: the client certificate is the login (EXTERNAL)."""
+    netloc_host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"amqps://{netloc_host}:{port}/{urllib.parse.quote(vhost, safe='')}"
 
 
 def redact_url(url: str) -> str:
@@ -134,16 +145,44 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _write_site_config(path: Path, site_id: str, url: str) -> None:
+def _tls_lines(tls: TlsFiles, relative_to: Path | None) -> str:
+    def shown(path: Path) -> str:
+        return os.path.relpath(path, relative_to) if relative_to is not None else str(path)
+
+    return (
+        f"ca_file = {toml_string(shown(tls.ca_file))}\n"
+        f"cert_file = {toml_string(shown(tls.cert_file))}\n"
+        f"key_file = {toml_string(shown(tls.key_file))}\n"
+    )
+
+
+def _write_site_config(path: Path, site_id: str, url: str, tls: TlsFiles | None = None) -> None:
+    if tls is None:
+        secret = "# It holds this hospital's broker password: keep it private (mode 0600) and copy it only to the\n"
+        tls_text = ""
+    else:
+        secret = "# It and the key it names are this hospital's identity: keep them private and copy them only to the\n"
+        tls_text = (
+            "# The broker knows this site by the CN of cert_file. Relative paths are read from this file's\n"
+            "# directory: point them at where the CA, the certificate and its key are installed.\n"
+            + _tls_lines(tls, relative_to=path.parent)
+        )
     write_private_file(
         path,
         f"# fedmq site agent configuration for {site_id}, written by `fedmq broker add-site` on {_now()}.\n"
-        "# It holds this hospital's broker password: keep it private (mode 0600) and copy it only to the\n"
+        f"{secret}"
         "# machine that runs the site agent.\n"
         f"site_id = {toml_string(site_id)}\n"
         "\n"
         "[broker]\n"
-        f"url = {toml_string(url)}\n",
+        f"url = {toml_string(url)}\n" + tls_text,
+    )
+
+
+def _create_certificate_user(management: ManagementClient, user: str, *, tags: list[str]) -> None:
+    """A user without any password (password_hash ""): only its client certificate can log it in."""
+    management.request(
+        "PUT", f"users/{urllib.parse.quote(user, safe='')}", {"password_hash": "", "tags": ",".join(tags)}
     )
 
 
@@ -186,11 +225,14 @@ def add_site(
     vhost: str,
     state_dir: Path,
     rotate_password: bool = False,
+    certificates: CertificateStore | None = None,
 ) -> Path:
     """Create the site's user, permissions and queues, write its config file and return the file's path.
 
     An existing site is refused unless ``rotate_password``: then it gets a new password, its open connections
-    are closed (they were opened with the old one) and its config file is rewritten.
+    are closed (they were opened with the old one) and its config file is rewritten. With ``certificates``
+    (a TLS broker; ``amqp_port`` is then the AMQPS port) the site gets a client certificate with CN = its id
+    instead of a password, kept if one was issued before and reissued on rotation.
     """
     _checked_site_id(site_id)
     _require_vhost(management, vhost)
@@ -203,12 +245,19 @@ def add_site(
                 f"site {site_id!r} exists already; use --rotate-password to issue a new password or remove-site first"
             )
     password = generate_password()
-    management.create_user(site_id, password, tags=[SITE_TAG])
+    if certificates is None:
+        management.create_user(site_id, password, tags=[SITE_TAG])
+    else:
+        _create_certificate_user(management, site_id, tags=[SITE_TAG])
     try:
         management.apply_permissions(vhost, site_id, topology.site_permissions(site_id))
         declare_site_queues(management, site_id=site_id, vhost=vhost)
         path = site_config_path(state_dir, site_id)
-        _write_site_config(path, site_id, amqp_url(site_id, password, amqp_host, amqp_port, vhost))
+        if certificates is None:
+            _write_site_config(path, site_id, amqp_url(site_id, password, amqp_host, amqp_port, vhost))
+        else:
+            tls = certificates.ensure_client(site_id, reissue=existing is not None).files
+            _write_site_config(path, site_id, amqps_url(amqp_host, amqp_port, vhost), tls)
     except BaseException:
         if existing is None:  # leave no half-provisioned site behind
             management.delete_user(site_id)
@@ -267,15 +316,34 @@ def _password_from_config(path: Path, user: str) -> str | None:
 
 
 def ensure_coordinator_user(
-    management: ManagementClient, *, vhost: str, amqp_host: str, amqp_port: int, state_dir: Path
+    management: ManagementClient,
+    *,
+    vhost: str,
+    amqp_host: str,
+    amqp_port: int,
+    state_dir: Path,
+    certificates: CertificateStore | None = None,
 ) -> Path:
     """Make sure the coordinator's user exists with its permissions on ``vhost``; (re)write its config file.
 
     The password already in ``<state dir>/coordinator-broker.toml`` is kept, so running ``fedmq broker up``
-    again does not break a running coordinator; a new one is generated only when there is none.
+    again does not break a running coordinator; a new one is generated only when there is none. With
+    ``certificates`` (a TLS broker) the user has no password and the file names the coordinator's client
+    certificate (CN ``fedmq-coordinator``) by absolute paths, kept if still good.
     """
     user = topology.COORDINATOR_USER
     path = coordinator_config_path(state_dir)
+    if certificates is not None:
+        _create_certificate_user(management, user, tags=[])
+        management.apply_permissions(vhost, user, topology.coordinator_permissions())
+        tls = certificates.ensure_client(user).files
+        write_private_file(
+            path,
+            f"# broker identity of the fedmq coordinator, written by fedmq on {_now()}. Keep private.\n"
+            "[broker]\n"
+            f"url = {toml_string(amqps_url(amqp_host, amqp_port, vhost))}\n" + _tls_lines(tls, relative_to=None),
+        )
+        return path
     password = _password_from_config(path, user) if path.exists() else None
     if password is None or management.get_user(user) is None:
         password = password or generate_password()

@@ -44,7 +44,7 @@ Only ``load_config`` touches a file; everything else receives a ``CoordinatorCon
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from types import UnionType
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -178,6 +178,10 @@ def config_from_dict(values: dict[str, Any], *, base_dir: Path | None = None) ->
             if not isinstance(table, dict):
                 raise ConfigError(f"[{key}] must be a table")
             nested[key] = _build(kind, table, key)
+    if "broker" in nested and base_dir is not None:  # like a site config: TLS files relative to this file
+        broker = nested["broker"]
+        paths = {name: getattr(broker, name) for name in ("ca_file", "cert_file", "key_file")}
+        nested["broker"] = replace(broker, **{name: str(base_dir / value) for name, value in paths.items() if value})
     if "state_dir" in values:
         state_dir = Path(values["state_dir"]).expanduser()
         values["state_dir"] = state_dir if state_dir.is_absolute() or base_dir is None else base_dir / state_dir

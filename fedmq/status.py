@@ -206,9 +206,7 @@ def _table(rows: list[list[str]], numeric_columns: set[int]) -> list[str]:
 def render(status: FederationStatus, source: str) -> str:
     """The screen, as plain text (no colours, so it reads the same in a log or over ssh)."""
     since = status.seconds_since_last_version
-    buffer = (
-        "-" if status.buffer_fill is None else f"{status.buffer_fill}/{status.buffer_capacity or '?'}"
-    )
+    buffer = "-" if status.buffer_fill is None else f"{status.buffer_fill}/{status.buffer_capacity or '?'}"
     up_count = sum(1 for site in status.sites if site.up)
     known_count = sum(1 for site in status.sites if site.up is not None)
     lines = [

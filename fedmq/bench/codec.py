@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    from schemas import Params
 
-from schemas import COMPRESSIONS, ModelUpdate, Params, TrainingMetrics, raw_size
+# torch and schemas are imported inside the functions that use them: ``fedmq`` builds every subcommand's
+# parser at start-up, and importing torch there would slow down every command.
 
 HELP = "encode + decode time and size of a float32 model update, as ratios to a plain copy"
 DEFAULT_PARAMS = 11_000_000
@@ -94,16 +97,17 @@ def resnet18_layer_shapes() -> list[tuple[str, tuple[int, ...]]]:
 
 def synthetic_delta(params: int, seed: int = 0) -> Params:
     """ResNet-18 layers in order until ``params`` is reached; the last one is cut short (flattened)."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     delta: Params = {}
     remaining = params
     for name, shape in resnet18_layer_shapes():
         if remaining <= 0:
             break
-        size = torch.Size(shape).numel()
-        chosen: tuple[int, ...] = shape if size <= remaining else (remaining,)
+        chosen: tuple[int, ...] = shape if math.prod(shape) <= remaining else (remaining,)
         delta[name] = torch.randn(chosen, generator=generator) * 0.01
-        remaining -= torch.Size(chosen).numel()
+        remaining -= math.prod(chosen)
     if remaining > 0:
         delta["extra.weight"] = torch.randn(remaining, generator=generator) * 0.01
     return delta
@@ -132,6 +136,8 @@ def _timed(action: Callable[[], ResultT]) -> tuple[float, ResultT]:
 
 def measure_codec(config: CodecBenchConfig) -> CodecReport:
     """One row per compression, every sample interleaved with a plain-copy sample."""
+    from schemas import COMPRESSIONS, ModelUpdate, TrainingMetrics, raw_size
+
     delta = synthetic_delta(config.params, config.seed)
     raw = b"".join(tensor.numpy().tobytes() for tensor in delta.values())
     update = ModelUpdate(

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -31,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pika
 import torch
@@ -41,7 +43,7 @@ from broker.topology import Exchange, Kind, Queue, routing_key
 from broker.transport import Delivery
 from coordinator.aggregation import Contribution, FedBuff, build_strategy
 from coordinator.audit import AuditLog, body_digest
-from coordinator.checkpoint import CheckpointStore
+from coordinator.checkpoint import CheckpointStore, write_file_durably
 from coordinator.config import CoordinatorConfig, StrategySettings, ValidationSettings
 from coordinator.evaluation import EvaluationBook
 from coordinator.metrics import CoordinatorMetrics
@@ -60,6 +62,7 @@ from fedmq.bench.harness import (
 )
 from fedmq.bench.synthetic import UpdateTemplate, model_tensors, synthetic_coordinator_toml
 from schemas import DecodeLimits, ModelFingerprint, ModelUpdate
+from schemas.tensors import raw_view
 
 HELP = "coordinator updates/s vs a bare pika consumer on the same broker, plus the per-update time split"
 DEFAULT_SIZES = (100_000, 1_000_000, 11_000_000)
@@ -71,6 +74,7 @@ GOAL_RATIO = 0.9
 GOAL_FROM_PARAMS = 1_000_000
 MIN_MESSAGES, MAX_MESSAGES = 12, 2000
 DRAIN_TIMEOUT_SECONDS = 600.0
+ResultT = TypeVar("ResultT")
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class SplitRow:
     """Seconds per update for each phase (in process), and the same-size in-place add they are divided by."""
 
     params: int
+    threads: int
     add: float
     decode: float
     validate: float
@@ -85,6 +90,7 @@ class SplitRow:
     checkpoint: float
     sha256: float
     total: float
+    packed_checkpoint: float
 
     @property
     def other(self) -> float:
@@ -114,28 +120,46 @@ class DrainRow:
     raw_rate: float
     coordinator_rate: float
     coordinator_rejected: int
+    one_thread_rate: float
 
     @property
     def ratio(self) -> float:
         return self.coordinator_rate / self.raw_rate if self.raw_rate > 0 else float("nan")
 
+    @property
+    def one_thread_ratio(self) -> float:
+        return self.one_thread_rate / self.raw_rate if self.raw_rate > 0 else float("nan")
+
 
 # -------------------------------------------------------------------------------------------- in-process split
 
 
-def _paused_gc_time(action: Callable[[], Any]) -> float:
+def _timed(function: Callable[..., ResultT], *arguments: Any, **keywords: Any) -> tuple[float, ResultT]:
+    """Seconds one call takes with the garbage collector paused (as ``timeit`` does), and its result."""
     gc.collect()
     gc.disable()
     try:
         started = time.perf_counter()
-        action()
-        return time.perf_counter() - started
+        result = function(*arguments, **keywords)
+        return time.perf_counter() - started, result
     finally:
         gc.enable()
 
 
-def measure_split(num_parameters: int, *, cycles: int, buffer_size: int, work_dir: Path) -> SplitRow:
-    """Drive a real ``Coordinator`` (no transport needed for accepted updates) and time its pieces alongside."""
+def measure_split(num_parameters: int, *, threads: int, cycles: int, buffer_size: int, work_dir: Path) -> SplitRow:
+    """Drive a real ``Coordinator`` (no transport needed for accepted updates) and time its pieces alongside,
+    with ``threads`` torch intra-op threads."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _measure_split(
+            num_parameters, threads=threads, cycles=cycles, buffer_size=buffer_size, work_dir=work_dir
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _measure_split(num_parameters: int, *, threads: int, cycles: int, buffer_size: int, work_dir: Path) -> SplitRow:
     params = model_tensors(num_parameters)
     shapes = {name: tensor.shape for name, tensor in params.items()}
     template = UpdateTemplate("site-1", shapes)
@@ -165,8 +189,9 @@ def measure_split(num_parameters: int, *, cycles: int, buffer_size: int, work_di
     flat = torch.randn(num_parameters)
     other = torch.randn(num_parameters)
     samples: dict[str, list[float]] = {
-        name: [] for name in ("add", "decode", "validate", "aggregate", "sha256", "total")
+        name: [] for name in ("add", "decode", "validate", "aggregate", "sha256", "total", "packed")
     }
+    model_bytes = b"".join(bytes(raw_view(tensor.contiguous())) for tensor in params.values())
     # warm-up: page faults, lazy imports, the first checkpoint writing the whole model
     coordinator.process_update(_delivery(template.body(0)[1], 0))
     checkpoint_sum = registry.get_sample_value("fedmq_checkpoint_seconds_sum") or 0.0
@@ -174,26 +199,20 @@ def measure_split(num_parameters: int, *, cycles: int, buffer_size: int, work_di
     for index in range(1, 1 + cycles * buffer_size):
         _, body = template.body(index)
         delivery = _delivery(body, index)
-        samples["add"].append(_paused_gc_time(lambda: flat.add_(other)))
-        samples["decode"].append(_paused_gc_time(lambda: ModelUpdate.decode(body, limits)))
-        checked: list[Any] = []
-        samples["validate"].append(
-            _paused_gc_time(
-                lambda: checked.append(
-                    validate_update(
-                        delivery,
-                        known_sites=("site-1",),
-                        model=params,
-                        version=0,
-                        max_staleness=10**9,
-                        max_norm=1e12,
-                        duplicates=DuplicateFilter(),
-                        limits=limits,
-                    )
-                )
-            )
+        samples["add"].append(_timed(flat.add_, other)[0])
+        samples["decode"].append(_timed(ModelUpdate.decode, body, limits)[0])
+        seconds, valid = _timed(
+            validate_update,
+            delivery,
+            known_sites=("site-1",),
+            model=params,
+            version=0,
+            max_staleness=10**9,
+            max_norm=1e12,
+            duplicates=DuplicateFilter(),
+            limits=limits,
         )
-        valid = checked[0]
+        samples["validate"].append(seconds)
         if not isinstance(valid, ValidUpdate):
             raise RuntimeError(f"the benchmark's update was rejected: {valid}")
         contribution = Contribution(
@@ -204,20 +223,21 @@ def measure_split(num_parameters: int, *, cycles: int, buffer_size: int, work_di
             num_examples=valid.update.num_examples,
             delta=valid.update.delta,
         )
-        result: list[Any] = []
-        samples["aggregate"].append(
-            _paused_gc_time(lambda: result.append(side_strategy.add(side_params, side_version, contribution, params)))
-        )
-        if result[0] is not None:
-            side_params, side_version = result[0], side_version + 1
-        samples["sha256"].append(_paused_gc_time(lambda: body_digest(body)))
-        samples["total"].append(_paused_gc_time(lambda: coordinator.process_update(delivery)))
+        seconds, new_params = _timed(side_strategy.add, side_params, side_version, contribution, params)
+        samples["aggregate"].append(seconds)
+        if new_params is not None:
+            side_params, side_version = new_params, side_version + 1
+        samples["sha256"].append(_timed(body_digest, body)[0])
+        samples["total"].append(_timed(coordinator.process_update, delivery)[0])
+        samples["packed"].append(_timed(_packed_checkpoint, work_dir, model_bytes)[0])
     coordinator.audit.close()
     checkpoints = (registry.get_sample_value("fedmq_checkpoint_seconds_count") or 0.0) - checkpoint_count
     checkpoint_seconds = (registry.get_sample_value("fedmq_checkpoint_seconds_sum") or 0.0) - checkpoint_sum
     decode = statistics.median(samples["decode"])
     return SplitRow(
         params=num_parameters,
+        threads=threads,
+        packed_checkpoint=statistics.median(samples["packed"]),
         add=statistics.median(samples["add"]),
         decode=decode,
         validate=max(0.0, statistics.median(samples["validate"]) - decode),
@@ -226,6 +246,13 @@ def measure_split(num_parameters: int, *, cycles: int, buffer_size: int, work_di
         sha256=statistics.median(samples["sha256"]),
         total=statistics.fmean(samples["total"]),
     )
+
+
+def _packed_checkpoint(work_dir: Path, model_bytes: bytes) -> None:
+    """What a checkpoint costs when everything a save changed goes into one file (the proposed fix): one
+    model's worth of bytes, one fsync, plus the manifest's own durable write."""
+    write_file_durably(work_dir / "packed.bin", model_bytes)
+    write_file_durably(work_dir / "packed.manifest", b"x" * 512)
 
 
 def _delivery(body: bytes, tag: int) -> Delivery:
@@ -301,9 +328,19 @@ def drain_with_bare_consumer(url: str, count: int, prefetch: int) -> list[float]
 
 
 def drain_with_coordinator(
-    broker: BenchBroker, sites: list[str], num_parameters: int, count: int, work_dir: Path, buffer_size: int
+    broker: BenchBroker,
+    sites: list[str],
+    num_parameters: int,
+    count: int,
+    work_dir: Path,
+    buffer_size: int,
+    *,
+    one_thread: bool = False,
 ) -> tuple[list[float], int]:
-    """Start ``fedmq coordinator run`` on the filled queue; per-update times from its audit log."""
+    """Start ``fedmq coordinator run`` on the filled queue; per-update times from its audit log. With
+    ``one_thread`` the process runs with OMP_NUM_THREADS=1 (torch's intra-op pool of one thread)."""
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
     state_dir = work_dir / "coordinator"
     (metrics_port,) = free_tcp_ports(1)
     config_path = work_dir / "coordinator.toml"
@@ -325,6 +362,7 @@ def drain_with_coordinator(
             ),
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"} if one_thread else None,
         )
         try:
             deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
@@ -384,11 +422,15 @@ def measure_drains(
         publish_seconds = sites.publish(count)
         raw_times = drain_with_bare_consumer(broker.coordinator_url, count, CoordinatorConfig().update_prefetch)
         sites.publish(count)
+        coordinator_times, rejected = drain_with_coordinator(
+            broker, site_ids, num_parameters, count, work_dir / "stock", buffer_size
+        )
+        sites.publish(count)
+        one_thread_times, one_thread_rejected = drain_with_coordinator(
+            broker, site_ids, num_parameters, count, work_dir / "one-thread", buffer_size, one_thread=True
+        )
     finally:
         sites.close()
-    coordinator_times, rejected = drain_with_coordinator(
-        broker, site_ids, num_parameters, count, work_dir, buffer_size
-    )
     return DrainRow(
         params=num_parameters,
         message_bytes=sites.message_bytes,
@@ -396,24 +438,26 @@ def measure_drains(
         publish_rate=count / publish_seconds,
         raw_rate=_rate(raw_times),
         coordinator_rate=_rate(coordinator_times),
-        coordinator_rejected=rejected,
+        coordinator_rejected=rejected + one_thread_rejected,
+        one_thread_rate=_rate(one_thread_times),
     )
 
 
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def format_report(drains: list[DrainRow], splits: list[SplitRow], machine: str, command: str) -> str:
+def format_report(drains: list[DrainRow], splits: list[SplitRow], machine: str, command: str, load: str) -> str:
     lines = [
         "## Coordinator throughput (`fedmq bench throughput`)",
         "",
-        f"Machine: {machine}.  ",
+        f"Machine: {machine}. Load average before / after: {load}.  ",
         f"Command: `{command}`",
         "",
         "Drain of a pre-filled update queue (quorum, persistent messages) on the same broker, one after the other: "
         "a bare pika consumer (ack only) vs a real `fedmq coordinator run` (FedBuff K=10, server SGD; validate, "
-        "aggregate, fsync'd checkpoint and audit, ack, publish each new version). Updates published by scripted "
-        "sites, each its own broker user, with publisher confirms.",
+        "aggregate, fsync'd checkpoint and audit, ack, publish each new version), as shipped and with "
+        "OMP_NUM_THREADS=1 (the proposed one-thread fix). Updates are published by scripted sites, each its own "
+        "broker user, with publisher confirms.",
         "",
         markdown_table(
             [
@@ -424,7 +468,9 @@ def format_report(drains: list[DrainRow], splits: list[SplitRow], machine: str, 
                 "raw consumer /s",
                 "coordinator /s",
                 "coordinator / raw",
-                "goal",
+                "1 thread /s",
+                "1 thread / raw",
+                "goal >= 0.9",
             ],
             [
                 [
@@ -435,11 +481,9 @@ def format_report(drains: list[DrainRow], splits: list[SplitRow], machine: str, 
                     f"{row.raw_rate:.1f}",
                     f"{row.coordinator_rate:.1f}",
                     f"{row.ratio:.2f}",
-                    (
-                        ("met" if row.ratio >= GOAL_RATIO else "NOT met")
-                        if row.params >= GOAL_FROM_PARAMS
-                        else "-"
-                    )
+                    f"{row.one_thread_rate:.1f}",
+                    f"{row.one_thread_ratio:.2f}",
+                    (("met" if row.ratio >= GOAL_RATIO else "NOT met") if row.params >= GOAL_FROM_PARAMS else "-")
                     + (f" ({row.coordinator_rejected} rejected!)" if row.coordinator_rejected else ""),
                 ]
                 for row in drains
@@ -447,15 +491,18 @@ def format_report(drains: list[DrainRow], splits: list[SplitRow], machine: str, 
         ),
         "",
         "Per-update coordinator time in process (no broker; the code `Coordinator.process_update` runs), in ms and "
-        "as a ratio to an in-place `x.add_(y)` of the same number of float32 values measured in the same run. "
-        "decode = `ModelUpdate.decode`; validate = the rest of `validate_update` (names, shapes, finiteness, norm, "
-        "staleness, duplicates); aggregate = `FedBuff.add` (a server step every K-th); checkpoint = the "
-        "coordinator's own `fedmq_checkpoint_seconds`; other = audit (sha256 of the body + fsync'd append), "
-        "metrics and bookkeeping. Medians, except aggregate, checkpoint and total: means over whole buffer cycles.",
+        "as a ratio to an in-place `x.add_(y)` of the same number of float32 values measured in the same run with "
+        "the same torch threads. decode = `ModelUpdate.decode`; validate = the rest of `validate_update` (names, "
+        "shapes, finiteness, norm, staleness, duplicates); aggregate = `FedBuff.add` (a server step every K-th); "
+        "checkpoint = the coordinator's own `fedmq_checkpoint_seconds`; other = audit (sha256 of the body + "
+        "fsync'd append), metrics and bookkeeping; packed = one model's bytes written durably to one file plus a "
+        "manifest (what the proposed one-file checkpoint would cost). Medians, except aggregate, checkpoint and "
+        "total: means over whole buffer cycles.",
         "",
         markdown_table(
             [
                 "parameters",
+                "torch threads",
                 "add_ ms",
                 "decode",
                 "validate",
@@ -463,21 +510,25 @@ def format_report(drains: list[DrainRow], splits: list[SplitRow], machine: str, 
                 "checkpoint",
                 "other",
                 "total",
-                "(sha256 alone)",
                 "bottleneck",
+                "packed checkpoint",
             ],
             [
-                [f"{row.params:,}", f"{row.add * 1e3:.2f}"]
+                [f"{row.params:,}", str(row.threads), f"{row.add * 1e3:.2f}"]
                 + [
-                    f"{seconds * 1e3:.1f} ms = {seconds / row.add:.1f}x"
-                    for seconds in (*row.phases().values(), row.total, row.sha256)
+                    f"{seconds * 1e3:.1f} ms = {seconds / row.add:.0f}x"
+                    for seconds in (*row.phases().values(), row.total)
                 ]
-                + [row.bottleneck()]
+                + [row.bottleneck(), f"{row.packed_checkpoint * 1e3:.1f} ms = {row.packed_checkpoint / row.add:.0f}x"]
                 for row in splits
             ],
         ),
     ]
     return "\n".join(lines)
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
 def _sizes(text: str) -> list[int]:
@@ -525,13 +576,22 @@ def add_doc_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     work_root = args.state_dir / "bench" / "throughput"
     work_root.mkdir(parents=True, exist_ok=True)
+    load_before = load_average()
     splits: list[SplitRow] = []
     for size in args.sizes:
-        with tempfile.TemporaryDirectory(dir=work_root) as scratch:
-            splits.append(
-                measure_split(size, cycles=args.split_cycles, buffer_size=args.buffer_size, work_dir=Path(scratch))
-            )
-        print(f"split {size:,}: total {splits[-1].total * 1e3:.1f} ms per update", flush=True)
+        for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
+            with tempfile.TemporaryDirectory(dir=work_root) as scratch:
+                splits.append(
+                    measure_split(
+                        size,
+                        threads=threads,
+                        cycles=args.split_cycles,
+                        buffer_size=args.buffer_size,
+                        work_dir=Path(scratch),
+                    )
+                )
+            row = splits[-1]
+            print(f"split {size:,}, {threads} threads: {row.total * 1e3:.1f} ms per update", flush=True)
     drains: list[DrainRow] = []
     rabbitmq_version = None
     if not args.skip_broker:
@@ -549,13 +609,14 @@ def run(args: argparse.Namespace) -> int:
                             work_dir=Path(scratch),
                         )
                     )
-                row = drains[-1]
+                drain = drains[-1]
                 print(
-                    f"drain {size:,}: raw {row.raw_rate:.1f}/s, coordinator {row.coordinator_rate:.1f}/s "
-                    f"({row.ratio:.2f}x)",
+                    f"drain {size:,}: raw {drain.raw_rate:.1f}/s, coordinator {drain.coordinator_rate:.1f}/s "
+                    f"({drain.ratio:.2f}x), one thread {drain.one_thread_rate:.1f}/s ({drain.one_thread_ratio:.2f}x)",
                     flush=True,
                 )
-    report = format_report(drains, splits, describe_machine(rabbitmq_version), command_line())
+    load = f"{load_before} / {load_average()}"
+    report = format_report(drains, splits, describe_machine(rabbitmq_version), command_line(), load)
     print()
     print(report)
     if not args.no_doc:

@@ -60,9 +60,7 @@ ALERT_TIMEOUT = 30.0
 
 def rules_with_short_site_silence(alerts: dict[str, Any]) -> dict[str, Any]:
     """The shipped rules with FedmqSiteSilent's ``for`` and silence literal shortened, nothing else changed."""
-    site_silent = [
-        rule for group in alerts["groups"] for rule in group["rules"] if rule.get("alert") == SITE_SILENT
-    ]
+    site_silent = [rule for group in alerts["groups"] for rule in group["rules"] if rule.get("alert") == SITE_SILENT]
     assert len(site_silent) == 1, f"expected one {SITE_SILENT} rule in {SHIPPED_ALERTS}"
     rule = site_silent[0]
     silence_literal = re.compile(r"(time\(\)\s*-\s*fedmq_site_last_seen_timestamp_seconds\s*>\s*)\d+(\.\d+)?")
@@ -123,10 +121,12 @@ class PrometheusServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process is not None and self.process.poll() is None, self.log_tail()
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.base_url}/-/ready", timeout=1) as response:
-                    if response.status == 200:
-                        return
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{self.base_url}/-/ready", timeout=1) as response,
+            ):
+                if response.status == 200:
+                    return
             time.sleep(0.2)
         raise TimeoutError(f"prometheus never became ready:\n{self.log_tail()}")
 
@@ -237,8 +237,8 @@ def federation(broker_env: BrokerEnv, tmp_path: Path, prometheus_binary: str) ->
     site_configs = {}
     for site in SITES:
         credentials = broker_env.add_site(site)
-        with credentials.config_path.open("a") as config:
-            config.write(f'\n[task]\nname = "heart-disease"\n\n[agent]\nheartbeat_seconds = {HEARTBEAT_SECONDS}\n')
+        with credentials.config_path.open("a") as site_file:
+            site_file.write(f'\n[task]\nname = "heart-disease"\n\n[agent]\nheartbeat_seconds = {HEARTBEAT_SECONDS}\n')
         site_configs[site] = credentials.config_path
 
     metrics_port = free_port()
@@ -335,7 +335,14 @@ def test_prometheus_sees_the_federation_progress_and_alerts_on_the_killed_site_o
     window = math.ceil(time.time() - killed_at) + 2
     alert_series = prometheus.query(f'ALERTS{{alertname="{SITE_SILENT}"}}[{window}s]')
     status = subprocess.run(
-        [sys.executable, "-m", "fedmq", "status", "--url", f"http://127.0.0.1:{federation.coordinator.metrics_port}/metrics"],
+        [
+            sys.executable,
+            "-m",
+            "fedmq",
+            "status",
+            "--url",
+            f"http://127.0.0.1:{federation.coordinator.metrics_port}/metrics",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

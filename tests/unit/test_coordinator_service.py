@@ -320,6 +320,10 @@ def _same_update_again(federation: Federation) -> bytes:
     return federation.send(federation.sent[-1])
 
 
+def _same_id_higher_seq(federation: Federation) -> bytes:
+    return _send_update(federation, "a", update_id=federation.sent[-1].update_id)
+
+
 def _same_seq_new_id(federation: Federation) -> bytes:
     return _send_update(federation, "a", seq=federation.sent[-1].seq)
 
@@ -369,6 +373,7 @@ REJECTION_CASES = [
     RejectionCase("norm", "norm-too-large", "a", _norm_too_large),
     RejectionCase("stale", "stale", "b", _stale, prepare=_two_versions_from_a, max_staleness=1),
     RejectionCase("same update_id", "duplicate", "a", _same_update_again, prepare=_one_update_from_a),
+    RejectionCase("same id, higher seq", "duplicate", "a", _same_id_higher_seq, prepare=_one_update_from_a),
     RejectionCase("same seq", "duplicate", "a", _same_seq_new_id, prepare=_one_update_from_a),
     RejectionCase("lower seq", "duplicate", "a", _lower_seq_new_id, prepare=_one_update_from_a),
     RejectionCase(
@@ -583,31 +588,40 @@ def test_sync_fedavg_round_times_out_with_the_updates_at_hand(tmp_path: Path) ->
 # ------------------------------------------------------------------------------------------- crash safety
 
 
-def heart_config(state_dir: Path, **params: Any) -> CoordinatorConfig:
+FEDBUFF_ADAM = ("fedbuff", {"buffer_size": 3, "server_optimizer": "adam"})
+
+
+def heart_config(
+    state_dir: Path, strategy: tuple[str, dict[str, Any]] = FEDBUFF_ADAM, max_staleness: int = 5
+) -> CoordinatorConfig:
+    name, params = strategy
     return CoordinatorConfig(
         task="heart-disease",
         sites=SITES,
         state_dir=state_dir,
-        strategy=StrategySettings(
-            name="fedbuff", max_staleness=5, params={"buffer_size": 3, "server_optimizer": "adam", **params}
-        ),
+        strategy=StrategySettings(name=name, max_staleness=max_staleness, params=params),
     )
 
 
-def heart_updates(count: int) -> list[ModelUpdate]:
-    """Seeded deltas for the heart-disease model (13 weights + 1 bias), round-robin over the sites, some stale."""
+def fedbuff_bases(index: int) -> int:
+    """With K = 3 the model is at version index // 3; every other update is one version behind."""
+    return max(0, index // 3 - index % 2)
+
+
+def heart_updates(count: int, base_version: Callable[[int], int] = fedbuff_bases) -> list[ModelUpdate]:
+    """Seeded deltas for the heart-disease model (13 weights + 1 bias), round-robin over the sites."""
     generator = torch.Generator().manual_seed(7)
     updates = []
     for index in range(count):
-        site = SITES[index % len(SITES)]
         update_delta = {
             "linear.weight": torch.randn(1, 13, generator=generator) * 0.1,
             "linear.bias": torch.randn(1, generator=generator) * 0.1,
         }
-        version_when_sent = index // 3
-        base_version = max(0, version_when_sent - (index % 2))
+        site = SITES[index % len(SITES)]
         updates.append(
-            make_update(site, seq=index + 1, base_version=base_version, update_delta=update_delta, num_examples=20)
+            make_update(
+                site, seq=index + 1, base_version=base_version(index), update_delta=update_delta, num_examples=20
+            )
         )
     return updates
 
@@ -683,13 +697,23 @@ def test_a_restarted_coordinator_resumes_version_params_buffer_and_duplicate_mem
     assert second.coordinator.strategy.buffered_update_ids() == [updates[3].update_id]
 
 
-def test_a_run_interrupted_after_every_update_ends_with_the_uninterrupted_model(tmp_path: Path) -> None:
+INTERRUPTED_RUNS = {
+    # strategy, how far behind each update's base is, the version the updates lead to
+    "fedbuff-adam": (FEDBUFF_ADAM, fedbuff_bases, 3),
+    "fedasync": (("fedasync", {"alpha": 0.6, "staleness": "hinge"}), lambda index: index - index % 3, 10),
+    "fedavg-sync-adam": (("fedavg-sync", {"server_optimizer": "adam"}), lambda index: index // 3, 3),
+}
+
+
+@pytest.mark.parametrize("run_name", list(INTERRUPTED_RUNS))
+def test_a_run_interrupted_after_every_update_ends_with_the_uninterrupted_model(tmp_path: Path, run_name: str) -> None:
     # Prepare
-    updates = heart_updates(10)
+    strategy, bases, final_version = INTERRUPTED_RUNS[run_name]
+    updates = heart_updates(10, bases)
     steady_broker = new_broker()
-    steady = start_run(heart_config(tmp_path / "steady"), steady_broker)
+    steady = start_run(heart_config(tmp_path / "steady", strategy), steady_broker)
     crashing_broker = new_broker()
-    crashing_config = heart_config(tmp_path / "crashing")
+    crashing_config = heart_config(tmp_path / "crashing", strategy)
 
     # Execute: one process for the whole run vs. a new process for each update
     for update in updates:
@@ -702,16 +726,17 @@ def test_a_run_interrupted_after_every_update_ends_with_the_uninterrupted_model(
         run.crash()
     resumed = start_run(crashing_config, crashing_broker)
 
-    # Assert: bit-identical models (Adam moments included), and both audit trails intact
-    assert steady.coordinator.state.version == resumed.coordinator.state.version == 3
+    # Assert: bit-identical models (server optimiser moments, history, buffer included), both audit trails intact
+    assert steady.coordinator.state.version == resumed.coordinator.state.version == final_version
     for name, tensor in steady.coordinator.state.params.items():
         assert torch.equal(resumed.coordinator.state.params[name], tensor)
     assert resumed.coordinator.strategy.buffered_update_ids() == steady.coordinator.strategy.buffered_update_ids()
     for state_dir in (tmp_path / "steady", tmp_path / "crashing"):
         report = verify_chain(state_dir / "audit.jsonl")
         assert report.ok and report.records == len(updates)
-        accepted = [record["update_id"] for record in read_records(state_dir / "audit.jsonl")]
-        assert accepted == [update.update_id for update in updates]
+        records = list(read_records(state_dir / "audit.jsonl"))
+        assert [record["update_id"] for record in records] == [update.update_id for update in updates]
+        assert {record["outcome"] for record in records} == {"accepted"}
 
 
 class SimulatedCrash(Exception):

@@ -1,0 +1,84 @@
+"""One referee for every system in the heart-disease benchmarks: score a global model on the four hospitals.
+
+The straggler and wire benchmarks compare fedmq and Flower, so neither system's own evaluation is used: every
+global model either produces is scored here, on each hospital's FLamby test split (normalised with that
+hospital's train statistics, as its site agent does), and summarised the way the coordinator does: the plain
+mean over hospitals and the example-weighted (pooled) accuracy, which equals the accuracy on all test sets
+pooled. The same hospitals, the same rows, the same model code as ``site_agent.tasks.heart_disease``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from schemas import TrainingConfig
+from site_agent.tasks.base import SiteData
+from site_agent.tasks.heart_disease import HeartDiseaseTask, load_site
+
+HEART_SITES = ("cleveland", "hungary", "switzerland", "long-beach")
+
+
+@dataclass(frozen=True)
+class HeartScores:
+    pooled: float
+    mean: float
+    per_site: dict[str, float]
+
+
+class HeartReferee:
+    """Loads the four test splits once; ``score`` takes a state dict (name -> tensor)."""
+
+    def __init__(self) -> None:
+        self.task = HeartDiseaseTask()
+        self.model = self.task.build_model()
+        self.data: dict[str, SiteData] = {site: load_site(site) for site in HEART_SITES}
+
+    def score(self, tensors: Mapping[str, torch.Tensor]) -> HeartScores:
+        self.model.load_state_dict({name: tensor.clone() for name, tensor in tensors.items()})
+        accuracies: dict[str, float] = {}
+        correct = 0.0
+        total = 0
+        for site, data in self.data.items():
+            accuracy = self.task.evaluate(self.model, data)["accuracy"]
+            accuracies[site] = accuracy
+            correct += accuracy * data.num_test
+            total += data.num_test
+        return HeartScores(pooled=correct / total, mean=sum(accuracies.values()) / len(accuracies), per_site=accuracies)
+
+
+def initial_heart_model(seed: int) -> dict[str, torch.Tensor]:
+    """Version 0 exactly as the coordinator builds it (``torch.manual_seed(seed)`` then the task's model)."""
+    torch.manual_seed(seed)
+    model = HeartDiseaseTask().build_model()
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def train_like_a_site_agent(
+    site: str,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    seed: int,
+    seq: int,
+    training: TrainingConfig,
+    slowdown: float,
+    data: SiteData,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Local training as ``site_agent.agent.LocalTrainer.train`` does it (same task loop, same seeding rule,
+    same slowdown: sleep ``busy * (slowdown - 1)``), for systems that are not fedmq. Returns the new weights
+    and the number of training examples."""
+    started = time.perf_counter()
+    task = HeartDiseaseTask()
+    model = task.build_model()
+    model.load_state_dict({name: tensor.clone() for name, tensor in tensors.items()})
+    digest = hashlib.sha256(f"{seed}:{site}:{seq}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    result = task.train(model, data, training, generator)
+    busy = time.perf_counter() - started
+    if slowdown > 1.0:
+        time.sleep(busy * (slowdown - 1.0))
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}, result.num_examples
