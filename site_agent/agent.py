@@ -92,6 +92,9 @@ class LocalTrainer:
         self.sleep = sleep
         self.model = task.build_model()
         self.architecture = architecture_digest(self.model)
+        # torch's optimisers import torch._dynamo on first use (2 s or more on a busy machine): pay that here, not
+        # inside the first timed training, where the slowdown factor would multiply it.
+        torch.optim.SGD(self.model.parameters(), lr=0.0)
 
     def refusal(self, model: GlobalModel) -> str | None:
         """Why this site cannot use ``model`` (another task or architecture), or None."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from fedmq.bench import codec
+from fedmq.bench import codec, scale, straggler, throughput, wire
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,10 @@ class Benchmark:
 BENCHMARKS: Mapping[str, Benchmark] = MappingProxyType(
     {
         "codec": Benchmark(help=codec.HELP, add_arguments=codec.add_arguments, run=codec.run),
+        "straggler": Benchmark(help=straggler.HELP, add_arguments=straggler.add_arguments, run=straggler.run),
+        "throughput": Benchmark(help=throughput.HELP, add_arguments=throughput.add_arguments, run=throughput.run),
+        "scale": Benchmark(help=scale.HELP, add_arguments=scale.add_arguments, run=scale.run),
+        "wire": Benchmark(help=wire.HELP, add_arguments=wire.add_arguments, run=wire.run),
     }
 )
 

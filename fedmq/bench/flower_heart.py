@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmq.bench.heart import HeartReferee, initial_heart_model, train_like_a_site_agent
+from fedmq.bench.heart import HeartReferee, initial_heart_model, train_like_a_site_agent, warm_up
 from schemas import TrainingConfig
-from site_agent.tasks.heart_disease import load_site
+from site_agent.tasks.heart_disease import HeartDiseaseTask, load_site
 
 PARAMETER_NAMES = ("linear.weight", "linear.bias")
 
@@ -42,7 +42,10 @@ def _to_arrays(tensors: dict[str, torch.Tensor]) -> list[np.ndarray]:
 
 
 def _to_tensors(arrays: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
-    return {name: torch.from_numpy(np.array(array, dtype=np.float32)) for name, array in zip(PARAMETER_NAMES, arrays)}
+    return {
+        name: torch.from_numpy(np.array(array, dtype=np.float32))
+        for name, array in zip(PARAMETER_NAMES, arrays, strict=True)
+    }
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -86,9 +89,10 @@ def run_client(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)  # as the site agent does ([agent] threads = 1)
     data = load_site(args.site)
+    warm_up(HeartDiseaseTask(), data)  # as the fedmq sites of the benchmark do (WarmedHeartDiseaseTask)
     training = TrainingConfig(local_steps=args.local_steps, learning_rate=args.learning_rate, batch_size=4)
 
-    class HeartClient(flwr.client.NumPyClient):  # type: ignore[misc]
+    class HeartClient(flwr.client.NumPyClient):
         """Train on this hospital's split the way a fedmq site agent does."""
 
         def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:

@@ -147,14 +147,13 @@ def test_site_whose_connection_is_cut_reconnects_and_its_update_is_applied_exact
     broker_env: BrokerEnv, tmp_path: Path, processes: FedmqProcesses
 ) -> None:
     # Prepare: a slow hospital (each update takes a second or two), so the cut lands while it trains
-    site_config = append_site_tables(broker_env.add_site("cleveland").config_path, slowdown=25.0)
+    site_config = append_site_tables(broker_env.add_site("cleveland").config_path, slowdown=40.0)
     config, state_dir, _ = write_coordinator(
-        broker_env, tmp_path, ["cleveland"], coordinator_tables(strategy="fedasync", max_versions=4, local_steps=100)
+        broker_env, tmp_path, ["cleveland"], coordinator_tables(strategy="fedasync", max_versions=4, local_steps=50)
     )
     processes.start_coordinator(config)
     processes.start_site(site_config)
-    processes.wait_for_log("cleveland", "update seq 1 on v0 sent")
-    processes.wait_for_log("cleveland", "evaluation of v1")  # the agent is now training on v1
+    processes.wait_for_log("cleveland", "evaluation of v1 sent")  # logged after the training on v1 started
 
     # Execute: the broker drops the agent's connection mid-training
     broker_env.close_connections("cleveland")

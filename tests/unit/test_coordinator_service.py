@@ -102,12 +102,12 @@ class Federation:
     seqs: dict[str, int] = field(default_factory=dict)
 
     def publish(self, routing_site: str, body: bytes, *, user_id: str | None = SAME_AS_SITE) -> None:
-        sender = routing_site if user_id in (SAME_AS_SITE, None) else user_id
-        self.broker.connect(str(sender)).publish(
-            Exchange.UPDATES.value,
-            routing_key(routing_site, Kind.UPDATE),
-            body,
-            user_id=routing_site if user_id == SAME_AS_SITE else user_id,
+        """Publish on a site's routing key, then let the coordinator handle it. ``user_id=None`` leaves the
+        property out; another id publishes as that site's login."""
+        property_user_id = routing_site if user_id == SAME_AS_SITE else user_id
+        login = property_user_id or routing_site
+        self.broker.connect(login).publish(
+            Exchange.UPDATES.value, routing_key(routing_site, Kind.UPDATE), body, user_id=property_user_id
         )
         self.transport.poll(0)
 
@@ -119,9 +119,8 @@ class Federation:
 
     def send_good(self, site: str, update_delta: Params | None = None, **overrides: Any) -> ModelUpdate:
         """A valid update on the current version with the site's next seq."""
-        seq = self.seqs.get(site, 0) + 1
-        self.seqs[site] = seq
-        fields: dict[str, Any] = {"seq": seq, "base_version": self.coordinator.state.version, **overrides}
+        fields: dict[str, Any] = {"seq": self.next_seq(site), "base_version": self.coordinator.state.version}
+        fields.update(overrides)
         update = make_update(site, update_delta=update_delta, **fields)
         self.send(update)
         return update
@@ -588,12 +587,11 @@ def test_sync_fedavg_round_times_out_with_the_updates_at_hand(tmp_path: Path) ->
 # ------------------------------------------------------------------------------------------- crash safety
 
 
-FEDBUFF_ADAM = ("fedbuff", {"buffer_size": 3, "server_optimizer": "adam"})
+StrategyChoice = tuple[str, dict[str, Any]]
+FEDBUFF_ADAM: StrategyChoice = ("fedbuff", {"buffer_size": 3, "server_optimizer": "adam"})
 
 
-def heart_config(
-    state_dir: Path, strategy: tuple[str, dict[str, Any]] = FEDBUFF_ADAM, max_staleness: int = 5
-) -> CoordinatorConfig:
+def heart_config(state_dir: Path, strategy: StrategyChoice = FEDBUFF_ADAM, max_staleness: int = 5) -> CoordinatorConfig:
     name, params = strategy
     return CoordinatorConfig(
         task="heart-disease",
@@ -697,7 +695,7 @@ def test_a_restarted_coordinator_resumes_version_params_buffer_and_duplicate_mem
     assert second.coordinator.strategy.buffered_update_ids() == [updates[3].update_id]
 
 
-INTERRUPTED_RUNS = {
+INTERRUPTED_RUNS: dict[str, tuple[StrategyChoice, Callable[[int], int], int]] = {
     # strategy, how far behind each update's base is, the version the updates lead to
     "fedbuff-adam": (FEDBUFF_ADAM, fedbuff_bases, 3),
     "fedasync": (("fedasync", {"alpha": 0.6, "staleness": "hinge"}), lambda index: index - index % 3, 10),

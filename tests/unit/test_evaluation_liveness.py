@@ -12,7 +12,9 @@ import torch
 from broker.topology import Exchange, Kind, routing_key, site_control_queue
 from coordinator.config import LivenessSettings, StoppingSettings
 from coordinator.evaluation import EvaluationBook, aggregate_reports
+from coordinator.service import write_safetensors
 from schemas import Control, ControlCommand, EvalReport, Heartbeat, SiteState
+from schemas.tensors import DTYPES
 from tests.unit.test_coordinator_service import SITES, Federation, fedbuff, start_federation
 
 
@@ -280,3 +282,19 @@ def test_a_target_metric_stops_the_run_once_every_up_site_reported(
         assert not federation.coordinator.finished
         assert controls(federation, "a") == []
         assert not (tmp_path / "run_summary.json").exists()
+
+
+def test_the_final_model_file_holds_every_wire_dtype(tmp_path: Path) -> None:
+    # Prepare: one tensor of each dtype a model may carry on the wire
+    tensors = {name: torch.ones(2, dtype=dtype) for name, dtype in DTYPES.items()}
+
+    # Execute
+    write_safetensors(tmp_path / "final_model.safetensors", tensors, {"version": "3"})
+
+    # Assert: the header lists them all, each with its own byte range
+    raw = (tmp_path / "final_model.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert header.pop("__metadata__") == {"version": "3"}
+    assert list(header) == list(DTYPES)
+    sizes = [end - start for start, end in (entry["data_offsets"] for entry in header.values())]
+    assert sizes == [2 * torch.empty((), dtype=dtype).element_size() for dtype in DTYPES.values()]

@@ -415,7 +415,7 @@ def test_slowdown_makes_training_proportionally_longer(slowdown: float) -> None:
     model = GlobalModel(
         version=0,
         tensors=dict(task.build_model().state_dict()),
-        training=replace(FAST_TRAINING, local_steps=200),
+        training=replace(FAST_TRAINING, local_steps=50),
         fingerprint=ModelFingerprint(task=task.name, architecture=trainer.architecture),
     )
 
