@@ -149,11 +149,6 @@ def _zeros_for(params: Mapping[str, torch.Tensor]) -> Params:
     return {name: torch.zeros(tensor.shape, dtype=_compute_dtype(tensor.dtype)) for name, tensor in params.items()}
 
 
-def _clone_params(params: Mapping[str, torch.Tensor]) -> Params:
-    """Copies for a checkpoint, so a caller editing them cannot reach into the live state."""
-    return {name: tensor.detach().clone() for name, tensor in params.items()}
-
-
 def _params_from_state(value: Any, key: str) -> Params:
     if not isinstance(value, Mapping) or not all(
         isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in value.items()
@@ -338,8 +333,8 @@ class ServerOptimizer:
         return {
             "kind": self.kind,
             "steps": self.steps,
-            "first_moment": _clone_params(self._first_moment),
-            "second_moment": _clone_params(self._second_moment),
+            "first_moment": dict(self._first_moment),
+            "second_moment": dict(self._second_moment),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -412,7 +407,10 @@ class Strategy(ABC):
         return len(self.buffered_update_ids())
 
     def state_dict(self) -> dict[str, Any]:
-        """Buffer and optimiser state for the checkpoint: tensors, numbers, strings, lists and dicts only."""
+        """Buffer and optimiser state for the checkpoint: tensors, numbers, strings, lists and dicts only.
+
+        Tensors are shared, not copied: no strategy edits a tensor in place, so the checkpoint store can skip
+        rewriting a tensor it has already written (the optimiser moments between buffer flushes, say)."""
         return {"strategy": self.name}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -538,7 +536,7 @@ class FedBuff(Strategy):
         return {
             "strategy": self.name,
             "example_weighted": self.example_weighted,
-            "weighted_delta_sum": _clone_params(self._weighted_delta_sum),
+            "weighted_delta_sum": dict(self._weighted_delta_sum),
             "buffered_examples": self._buffered_examples,
             "update_ids": list(self._update_ids),
             "site_ids": list(self._site_ids),
@@ -676,7 +674,7 @@ class SyncFedAvg(Strategy):
         return {
             "strategy": self.name,
             "round_version": -1 if self._round_version is None else self._round_version,
-            "weighted_delta_sum": _clone_params(self._weighted_delta_sum),
+            "weighted_delta_sum": dict(self._weighted_delta_sum),
             "total_examples": self._total_examples,
             "update_ids": list(self._update_ids),
             "site_ids": list(self._site_ids),
