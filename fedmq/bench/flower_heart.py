@@ -35,6 +35,7 @@ from schemas import TrainingConfig
 from site_agent.tasks.heart_disease import HeartDiseaseTask, load_site
 
 PARAMETER_NAMES = ("linear.weight", "linear.bias")
+READY_MARKER = "fedmq-bench: client ready"  # printed once warmed up, right before connecting
 
 
 def _to_arrays(tensors: dict[str, torch.Tensor]) -> list[np.ndarray]:
@@ -112,6 +113,7 @@ def run_client(args: argparse.Namespace) -> int:
             )
             return _to_arrays(tensors), num_examples, {}
 
+    print(READY_MARKER, flush=True)
     flwr.client.start_client(server_address=args.address, client=HeartClient().to_client(), insecure=True)
     return 0
 

@@ -15,8 +15,10 @@ time after each local training). Sites of both systems run one throwaway trainin
 
 One referee scores every global model either system produces (``fedmq.bench.heart.HeartReferee``): for fedmq
 an observer with its own broker user receives every published version; Flower's server scores each round in
-its ``evaluate_fn``. Times count from each system's first global model (fedmq: version 0 published; Flower:
-the initial parameters evaluated), so process start-up is reported apart and charged to neither.
+its ``evaluate_fn``. Times count from the moment training can start: all four sites are up and connected (their
+logs say so) and the first global model exists. fedmq's sites are started first and version 0 is published
+once all four wait for it, so no fast hospital gets a head start; Flower's server starts first, as deployed,
+and its round 1 waits for all four clients. Process start-up is reported apart and charged to neither.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch
 
 from broker import topology
 from broker.topology import site_inbox
+from fedmq.bench.flower_heart import READY_MARKER as FLOWER_READY_MARKER
 from fedmq.bench.harness import (
     DEFAULT_DOC,
     BenchBroker,
@@ -73,6 +76,7 @@ POOLED_TARGET = 0.75
 MEAN_TARGET = 0.70
 GOAL_SPEEDUP = 3.0
 FIRST_MODEL_TIMEOUT = 90.0
+FEDMQ_READY_MARKER = "connected; waiting for the global model"  # site_agent.runner logs it once connected
 
 
 @dataclass(frozen=True)
@@ -91,21 +95,29 @@ class RunResult:
     budget_seconds: float
     launched_at: float
     first_model_at: float | None = None
+    sites_ready_at: float | None = None
     models: list[ScoredModel] = field(default_factory=list)
     error: str = ""
 
+    @property
+    def start_at(self) -> float | None:
+        """When training could start: the first global model exists and every site is up and connected."""
+        if self.first_model_at is None or self.sites_ready_at is None:
+            return None
+        return max(self.first_model_at, self.sites_ready_at)
+
     def _within_budget(self) -> list[ScoredModel]:
-        if self.first_model_at is None:
+        if self.start_at is None:
             return []
-        end = self.first_model_at + self.budget_seconds
+        end = self.start_at + self.budget_seconds
         return [model for model in self.models if model.time <= end]
 
     def time_to(self, target: float, aggregate: str) -> float | None:
-        """Seconds from the first global model to the first one scoring ``>= target``; None if never."""
+        """Seconds from the start of training to the first global model scoring ``>= target``; None if never."""
         for model in self._within_budget():
             value = model.scores.pooled if aggregate == "pooled" else model.scores.mean
-            if value >= target and self.first_model_at is not None:
-                return model.time - self.first_model_at
+            if value >= target and self.start_at is not None:
+                return max(0.0, model.time - self.start_at)
         return None
 
     def final(self) -> Scores | None:
@@ -115,7 +127,7 @@ class RunResult:
 
     @property
     def startup_seconds(self) -> float | None:
-        return None if self.first_model_at is None else self.first_model_at - self.launched_at
+        return None if self.start_at is None else self.start_at - self.launched_at
 
     @property
     def versions(self) -> int:
@@ -129,6 +141,7 @@ class RunResult:
             "budget_seconds": self.budget_seconds,
             "launched_at": self.launched_at,
             "first_model_at": self.first_model_at,
+            "sites_ready_at": self.sites_ready_at,
             "error": self.error,
             "models": [
                 {"time": model.time, "version": model.version, "pooled": model.scores.pooled, "mean": model.scores.mean}
@@ -260,13 +273,23 @@ def run_fedmq(broker: BenchBroker, root: Path, plan: FederationPlan) -> RunResul
     group = ProcessGroup(run_dir / "logs")
     result = RunResult(plan.label, plan.seed, plan.budget_seconds, launched_at=time.time())
     try:
-        coordinator = group.start(
-            "coordinator", fedmq_command(broker.state_dir, "coordinator", "run", "--config", str(config_path))
-        )
-        for site in sites:
+        # Sites first, all connected and waiting before version 0 exists: no hospital gets a head start.
+        agents = [
             group.start(
                 site, fedmq_command(broker.state_dir, "site", "run", "--config", str(broker.site_config_path(site)))
             )
+            for site in sites
+        ]
+        _wait_until_ready(
+            result,
+            [group.log_dir / f"{site}.log" for site in sites],
+            FEDMQ_READY_MARKER,
+            still_running=lambda: all(agent.poll() is None for agent in agents),
+            what=f"a site agent (see {run_dir / 'logs'})",
+        )
+        coordinator = group.start(
+            "coordinator", fedmq_command(broker.state_dir, "coordinator", "run", "--config", str(config_path))
+        )
         _wait_for_budget(
             result,
             lambda: observer.models,
@@ -279,19 +302,32 @@ def run_fedmq(broker: BenchBroker, root: Path, plan: FederationPlan) -> RunResul
         group.stop_all()
         observer.stop()
     result.models = list(observer.models)
-    if result.models and result.first_model_at is None:
-        result.first_model_at = result.models[0].time
     shutil.copytree(broker.state_dir / "coordinator", run_dir / "coordinator", dirs_exist_ok=True)
     return result
 
 
-def _wait_for_budget(
-    result: RunResult,
-    models: Callable[[], Sequence[ScoredModel]],
-    *,
-    still_running: Callable[[], bool],
-    what: str,
+def _wait_until_ready(
+    result: RunResult, site_logs: Sequence[Path], ready_marker: str, *, still_running: Callable[[], bool], what: str
 ) -> None:
+    """Poll (every 50 ms) until every site's log shows ``ready_marker``; note the time."""
+    deadline = time.time() + FIRST_MODEL_TIMEOUT
+    ready: set[Path] = set()
+    while len(ready) < len(site_logs):
+        if not still_running():
+            raise RuntimeError(f"{what} exited before every site was ready")
+        if time.time() > deadline:
+            raise RuntimeError(f"only {len(ready)}/{len(site_logs)} sites ready after {FIRST_MODEL_TIMEOUT:.0f} s")
+        for log in site_logs:
+            if log not in ready and log.exists() and ready_marker in log.read_text(errors="replace"):
+                ready.add(log)
+        time.sleep(0.05)
+    result.sites_ready_at = time.time()
+
+
+def _wait_for_budget(
+    result: RunResult, models: Callable[[], Sequence[ScoredModel]], *, still_running: Callable[[], bool], what: str
+) -> None:
+    """Wait for the first global model, then for the budget counted from when training could start."""
     deadline = time.time() + FIRST_MODEL_TIMEOUT
     while not models():
         if not still_running():
@@ -300,7 +336,8 @@ def _wait_for_budget(
             raise RuntimeError(f"no global model within {FIRST_MODEL_TIMEOUT:.0f} s from {what}")
         time.sleep(0.05)
     result.first_model_at = models()[0].time
-    end = result.first_model_at + result.budget_seconds
+    assert result.start_at is not None
+    end = result.start_at + result.budget_seconds
     while time.time() < end and still_running():
         time.sleep(0.2)
 
@@ -414,6 +451,14 @@ def run_flower(
                     str(learning_rate),
                 ],
             )
+        # The server first (as Flower is deployed); round 1 waits for all four clients anyway.
+        _wait_until_ready(
+            result,
+            [group.log_dir / f"{site}.log" for site in HEART_SITES],
+            FLOWER_READY_MARKER,
+            still_running=lambda: server.poll() is None,
+            what="the Flower server",
+        )
         _wait_for_budget(result, read_models, still_running=lambda: server.poll() is None, what="the Flower server")
     except RuntimeError as exc:
         result.error = str(exc)
@@ -443,7 +488,7 @@ class SystemSummary:
 def summarise(results: Sequence[RunResult], system: str) -> SystemSummary:
     """Medians over seeds; a seed that never reached a target counts as the budget (so the median is a lower
     bound when fewer than half reached it) and is reported in the 'reached' count."""
-    runs = [result for result in results if result.system == system and result.first_model_at is not None]
+    runs = [result for result in results if result.system == system and result.start_at is not None]
 
     def time_median(target: float, aggregate: str) -> float | None:
         times = [result.time_to(target, aggregate) for result in runs]
@@ -516,7 +561,7 @@ def speedups(summaries: Mapping[str, SystemSummary], reference: str) -> list[str
 
 
 def plot_curves(results: Sequence[RunResult], seed: int, path: Path, title: str) -> bool:
-    chosen = [result for result in results if result.seed == seed and result.first_model_at is not None]
+    chosen = [result for result in results if result.seed == seed and result.start_at is not None]
     if not chosen:
         return False
     import matplotlib
@@ -526,10 +571,10 @@ def plot_curves(results: Sequence[RunResult], seed: int, path: Path, title: str)
 
     figure, (pooled_axis, mean_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     for result in chosen:
-        assert result.first_model_at is not None
-        end = result.first_model_at + result.budget_seconds
+        assert result.start_at is not None
+        end = result.start_at + result.budget_seconds
         models = [model for model in result.models if model.time <= end]
-        seconds = [model.time - result.first_model_at for model in models]
+        seconds = [max(0.0, model.time - result.start_at) for model in models]
         pooled_axis.step(
             seconds, [model.scores.pooled for model in models], where="post", label=SYSTEM_LABELS[result.system]
         )
@@ -541,7 +586,7 @@ def plot_curves(results: Sequence[RunResult], seed: int, path: Path, title: str)
         (mean_axis, MEAN_TARGET, "mean over hospitals"),
     ):
         axis.axhline(target, color="grey", linewidth=0.8, linestyle=":")
-        axis.set_xlabel("seconds since the first global model")
+        axis.set_xlabel("seconds since training could start")
         axis.set_ylabel(name)
         axis.set_ylim(0.4, 0.9)
         axis.grid(alpha=0.3)
@@ -576,7 +621,8 @@ def format_report(
         "",
         f"Heart-disease, four hospitals, slowed: {slow_text}; every system: 100 local SGD steps, learning rate 0.01, "
         f"batch 4, the same seeded initial model, seeds {', '.join(map(str, seeds))}, a budget of "
-        f"{budget_seconds:.0f} s from each system's first global model. fedmq strategies as `fedmq demo` configures "
+        f"{budget_seconds:.0f} s counted from when training can start (first global model published and all four "
+        "sites connected; the start-up before that is in its own column). fedmq strategies as `fedmq demo` configures "
         "them (FedBuff K=3 with FedAdam-style server Adam, FedAsync alpha 0.6 polynomial, sync FedAvg); "
         f"{flower_note}. Every global model is scored by the same referee on the four FLamby test splits. "
         "Medians over seeds; a seed that missed a target within the budget counts as the budget.",
@@ -645,7 +691,7 @@ def _systems(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=_seeds, default=list(DEFAULT_SEEDS), help="comma-separated (default 0,1,2)")
     parser.add_argument(
-        "--budget", type=float, default=DEFAULT_BUDGET_SECONDS, help="seconds per run from the first global model"
+        "--budget", type=float, default=DEFAULT_BUDGET_SECONDS, help="seconds per run once training can start"
     )
     parser.add_argument(
         "--systems",

@@ -15,6 +15,7 @@ import pika
 import pytest
 
 from broker.certs import CertificateError, CertificateSettings, CertificateStore
+from broker.node import LocalNode, load_access
 from broker.pika_transport import ConnectionSettings
 from coordinator.config import config_from_dict
 from fedmq.cli import main
@@ -99,7 +100,12 @@ def test_a_certificate_from_another_ca_does_not_verify(store: CertificateStore, 
 def test_running_again_keeps_the_ca_and_every_good_certificate(store: CertificateStore) -> None:
     # Prepare
     store.ensure_all(hosts=["broker.example.org"], clients=["hospital-a"])
-    files = [store.ca_file, store.ca_key_file, store.broker_files().cert_file, store.client_files("hospital-a").key_file]
+    files = [
+        store.ca_file,
+        store.ca_key_file,
+        store.broker_files().cert_file,
+        store.client_files("hospital-a").key_file,
+    ]
     before = [path.read_bytes() for path in files]
 
     # Execute: a hospital is added later; the broker's host is not repeated
@@ -241,3 +247,24 @@ def test_coordinator_config_reads_certificate_paths_relative_to_its_file(tmp_pat
     assert config.broker.ca_file == str(tmp_path / "certs" / "ca.pem")
     assert config.broker.cert_file == "/abs/c.pem"
     assert config.broker.key_file is None
+
+
+def test_a_tls_node_serves_amqps_only_and_keeps_the_management_api_on_loopback(tmp_path: Path) -> None:
+    # Prepare: a node meant for hospitals on the network
+    node = LocalNode(tmp_path / "state", tls=True, amqps_port=5671, bind="0.0.0.0", public_host="mq.example.org")
+
+    # Execute: the files `fedmq broker up --tls` writes before it starts RabbitMQ
+    node.write_files()
+    settings = (tmp_path / "state" / "broker" / "rabbitmq.conf").read_text().splitlines()
+    access = load_access(tmp_path / "state")
+
+    # Assert: no plain listener, client certificates required, login by CN, management on loopback only
+    assert "listeners.tcp = none" in settings and "listeners.ssl.1 = 0.0.0.0:5671" in settings
+    for line in ("ssl_options.verify = verify_peer", "ssl_options.fail_if_no_peer_cert = true"):
+        assert line in settings
+    assert "auth_mechanisms.1 = EXTERNAL" in settings and "ssl_cert_login_from = common_name" in settings
+    assert "management.tcp.ip = 127.0.0.1" in settings
+    assert access.management_url.startswith("http://127.0.0.1:")
+    assert access.admin_url() == "amqps://mq.example.org:5671/fedmq"
+    assert access.tls is not None and subject(access.tls.cert_file) == "subject=CN=fedmq-admin"
+    assert "DNS:mq.example.org" in alt_names(node.certificates.broker_files().cert_file)

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -131,9 +132,7 @@ class Harness:
         """Version ``version`` of the global model: the initial weights moved a little per version."""
         tensors = {name: tensor + 0.01 * version for name, tensor in self.initial.items()}
         fingerprint = ModelFingerprint(task=self.task.name, architecture=self.agent.trainer.architecture)
-        return GlobalModel(
-            version=version, tensors=tensors, training=training, fingerprint=fingerprint, **changes
-        )
+        return GlobalModel(version=version, tensors=tensors, training=training, fingerprint=fingerprint, **changes)
 
     def publish_model(self, model: GlobalModel) -> None:
         self.coordinator.publish(Exchange.MODELS.value, routing_key(BROADCAST_SITE, Kind.MODEL), model.encode())
@@ -302,7 +301,9 @@ def test_model_with_a_wrong_fingerprint_is_refused(harness: Harness, mismatch: s
     right = harness.model(0)
     wrong = ModelFingerprint(
         task="image-cnn" if mismatch == "task" else right.fingerprint.task,
-        architecture=architecture_digest(torch.nn.Linear(5, 1)) if mismatch == "architecture" else right.fingerprint.architecture,
+        architecture=architecture_digest(torch.nn.Linear(5, 1))
+        if mismatch == "architecture"
+        else right.fingerprint.architecture,
     )
 
     # Execute
@@ -475,9 +476,7 @@ def numbers_in_order(value: object, numbers: list[float], text_numbers: list[flo
         text_numbers.extend(float(match) for match in NUMBER_IN_TEXT.findall(value))
 
 
-def windows_matching(
-    sequence: NDArray[np.float64], targets: NDArray[np.float64], *, relative: float = 2e-3
-) -> bool:
+def windows_matching(sequence: NDArray[np.float64], targets: NDArray[np.float64], *, relative: float = 2e-3) -> bool:
     """Does any run of len(target) consecutive numbers equal one of ``targets`` (to float16 precision)?"""
     width = targets.shape[1]
     if len(sequence) < width:
@@ -522,11 +521,15 @@ MESSAGE_BY_KIND: dict[str, type[Message]] = {
 }
 
 
+def trained_on(harness: Harness, version: int) -> bool:
+    return any(update.base_version == version for update in harness.updates())
+
+
 def run_rounds(harness: Harness, versions: int) -> list[tuple[str, str, bytes]]:
     """Several rounds as a coordinator drives them; returns every (exchange, routing key, body) the site sent."""
     for version in range(versions):
         harness.publish_model(harness.model(version))
-        harness.pump(lambda: any(update.base_version == version for update in harness.updates()))
+        harness.pump(partial(trained_on, harness, version))
     harness.pump_turns(5, seconds_per_turn=2.0)  # and a few heartbeats more
     return [(exchange, key, body) for exchange, key, body, _ in harness.site.published]
 
@@ -570,9 +573,7 @@ def test_the_leak_check_catches_an_agent_that_sends_a_record(tmp_path: Path) -> 
 
     # Assert
     update_bodies = [body for _, key, body in published if key.endswith(Kind.UPDATE.value)]
-    assert update_bodies and all(
-        "a record as <f4 bytes" in find_patient_data(body, records) for body in update_bodies
-    )
+    assert update_bodies and all("a record as <f4 bytes" in find_patient_data(body, records) for body in update_bodies)
 
 
 def _update_with(extra: torch.Tensor, compression: str = "none") -> bytes:
