@@ -12,13 +12,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import pika
-import pika.exceptions
-
 from broker import topology
 from broker.certs import CertificateSettings, CertificateStore
-from broker.declare import declare_topology, declare_topology_at
-from broker.errors import BrokerError, BrokerNotConfigured, BrokerNotReachable, DeclarationError
+from broker.declare import declare_topology_at
+from broker.errors import BrokerError, BrokerNotConfigured
 from broker.node import (
     ADMIN_USER,
     DEFAULT_START_TIMEOUT,
@@ -265,25 +262,8 @@ def _certificates(access: BrokerAccess, state_dir: Path) -> CertificateStore | N
 
 
 def _declare_as_admin(access: BrokerAccess, vhost: str, sites: list[str]) -> None:
-    """``declare_topology_at``, over TLS with the administrator's certificate when the broker wants one."""
-    if access.tls is None:
-        declare_topology_at(access.admin_url(vhost), sites)
-        return
-    try:
-        connection = pika.BlockingConnection(access.connection_parameters(vhost))
-    except pika.exceptions.AMQPConnectionError as exc:
-        raise BrokerNotReachable(
-            f"cannot connect to {access.admin_url(vhost)} to declare the topology: {exc!r}"
-        ) from exc
-    try:
-        declare_topology(connection.channel(), sites)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        raise DeclarationError(
-            f"the broker refused to declare the topology ({exc.reply_code} {exc.reply_text})"
-        ) from exc
-    finally:
-        if connection.is_open:
-            connection.close()
+    """Declare as the administrator: by password, or by certificate when the broker wants one."""
+    declare_topology_at(access.connection_parameters(vhost) if access.tls else access.admin_url(vhost), sites)
 
 
 def _prepare_broker(access: BrokerAccess, vhost: str, state_dir: Path) -> tuple[Path, int]:

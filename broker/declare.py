@@ -39,12 +39,15 @@ def declare_topology(channel: BlockingChannel, site_ids: Iterable[str] = ()) -> 
         declare_site(channel, site_id)
 
 
-def declare_topology_at(url: str, site_ids: Iterable[str] = ()) -> None:
-    """Connect to ``url`` (a user allowed to configure ``fedmq.*``), declare everything, disconnect."""
+def declare_topology_at(target: str | pika.ConnectionParameters, site_ids: Iterable[str] = ()) -> None:
+    """Connect (a URL, or parameters carrying TLS settings) as a user allowed to configure ``fedmq.*``,
+    declare everything, disconnect."""
+    parameters = pika.URLParameters(target) if isinstance(target, str) else target
+    shown = redact_url(target) if isinstance(target, str) else f"{parameters.host}:{parameters.port}"
     try:
-        connection = pika.BlockingConnection(pika.URLParameters(url))
+        connection = pika.BlockingConnection(parameters)
     except pika.exceptions.AMQPConnectionError as exc:
-        raise BrokerNotReachable(f"cannot connect to {redact_url(url)} to declare the topology: {exc!r}") from exc
+        raise BrokerNotReachable(f"cannot connect to {shown} to declare the topology: {exc!r}") from exc
     try:
         declare_topology(connection.channel(), site_ids)
     except pika.exceptions.ChannelClosedByBroker as exc:
@@ -52,7 +55,7 @@ def declare_topology_at(url: str, site_ids: Iterable[str] = ()) -> None:
             f"the broker refused to declare the topology ({exc.reply_code} {exc.reply_text})"
         ) from exc
     except pika.exceptions.AMQPConnectionError as exc:
-        raise BrokerNotReachable(f"lost the connection to {redact_url(url)} while declaring: {exc!r}") from exc
+        raise BrokerNotReachable(f"lost the connection to {shown} while declaring: {exc!r}") from exc
     finally:
         if connection.is_open:
             connection.close()

@@ -11,12 +11,11 @@ import logging
 import threading
 from pathlib import Path
 
-import pika
-import pika.exceptions
 import torch
 from prometheus_client import CollectorRegistry
 
-from broker.declare import declare_topology
+from broker.declare import declare_topology_at
+from broker.errors import BrokerNotReachable
 from broker.pika_transport import ConnectionSettings, PikaTransport, run_reconnecting
 from broker.transport import TransportConnectionError
 from coordinator.aggregation import build_strategy
@@ -88,18 +87,6 @@ def connection_settings(config: CoordinatorConfig) -> ConnectionSettings:
     )
 
 
-def declare(settings: ConnectionSettings, site_ids: tuple[str, ...]) -> None:
-    try:
-        connection = pika.BlockingConnection(settings.parameters())
-    except pika.exceptions.AMQPError as exc:
-        raise TransportConnectionError(f"cannot connect to declare the topology: {exc!r}") from exc
-    try:
-        declare_topology(connection.channel(), site_ids)
-    finally:
-        if connection.is_open:
-            connection.close()
-
-
 def run(coordinator: Coordinator, stop: threading.Event) -> None:
     """Serve until the stopping rule finishes the run or ``stop`` is set (SIGTERM): each handled update is
     already checkpointed, so stopping only needs a clean close."""
@@ -107,7 +94,10 @@ def run(coordinator: Coordinator, stop: threading.Event) -> None:
     settings = connection_settings(config)
 
     def session(transport: PikaTransport) -> None:
-        declare(settings, config.sites)
+        try:
+            declare_topology_at(settings.parameters(), config.sites)
+        except BrokerNotReachable as exc:
+            raise TransportConnectionError(str(exc)) from exc
         coordinator.attach(transport)
         while not stop.is_set() and not coordinator.finished:
             transport.poll(POLL_SECONDS)

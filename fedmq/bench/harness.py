@@ -7,6 +7,7 @@ listens on, so it never disturbs a demo or a test session running next to it, an
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -22,6 +23,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+import pika
+import pika.exceptions
 
 from broker import topology
 from broker.declare import declare_topology_at
@@ -74,7 +78,12 @@ def describe_machine(rabbitmq_version: str | None = None) -> str:
     ]
     if rabbitmq_version:
         parts.append(f"RabbitMQ {rabbitmq_version}")
+    parts.append(f"load average {load_average()} (1/5/15 min, as the run ended; other work shares this machine)")
     return ", ".join(parts)
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
 def command_line(arguments: Sequence[str] | None = None) -> str:
@@ -137,11 +146,14 @@ def free_tcp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 
 class BenchBroker:
-    """A fresh private RabbitMQ node under ``state_dir`` on free ports, with the fedmq vhost, the coordinator's
-    user and the topology, exactly as ``fedmq broker up`` prepares one; stopped and left on disk at exit."""
+    """A private RabbitMQ node under ``state_dir`` on free ports, with the fedmq vhost, the coordinator's user
+    and the topology, exactly as ``fedmq broker up`` prepares one. A node already running there (left by a
+    benchmark run with ``keep_running``) is reused; otherwise a fresh one is started. Stopped at exit unless
+    ``keep_running``."""
 
-    def __init__(self, state_dir: Path, *, statistics_interval_ms: int = 5000) -> None:
+    def __init__(self, state_dir: Path, *, keep_running: bool = False, statistics_interval_ms: int = 5000) -> None:
         self.state_dir = state_dir.resolve()
+        self.keep_running = keep_running
         self.statistics_interval_ms = statistics_interval_ms
         self.node: LocalNode | None = None
         self.vhost = topology.VHOST
@@ -158,23 +170,7 @@ class BenchBroker:
         self.stop()
 
     def start(self) -> None:
-        leftover = self.state_dir / "broker" / "admin.toml"
-        if leftover.exists():  # a previous run that was killed: stop its node, start afresh
-            with contextlib.suppress(BrokerError):
-                LocalNode.from_state_dir(self.state_dir).stop()
-        shutil.rmtree(self.state_dir / "broker", ignore_errors=True)
-        shutil.rmtree(self.state_dir / "sites", ignore_errors=True)
-        amqp_port, dist_port, management_port, prometheus_port = free_tcp_ports(4)
-        node = LocalNode(
-            self.state_dir,
-            amqp_port=amqp_port,
-            dist_port=dist_port,
-            management_port=management_port,
-            prometheus_port=prometheus_port,
-            statistics_interval_ms=self.statistics_interval_ms,
-        )
-        node.start(timeout=NODE_START_TIMEOUT)
-        self.node = node
+        node = self.node = self._running_node() or self._fresh_node()
         management = node.access.management()
         management.create_vhost(self.vhost)
         management.set_permissions(self.vhost, node.access.admin_user, configure=".*", write=".*", read=".*")
@@ -188,11 +184,35 @@ class BenchBroker:
         declare_topology_at(self.admin_url)
         self.rabbitmq_version = str(management.overview().get("rabbitmq_version", "")) or None
 
+    def _running_node(self) -> LocalNode | None:
+        if not (self.state_dir / "broker" / "admin.toml").exists():
+            return None
+        with contextlib.suppress(BrokerError):
+            node = LocalNode.from_state_dir(self.state_dir)
+            if node.is_running():
+                return node
+        return None
+
+    def _fresh_node(self) -> LocalNode:
+        shutil.rmtree(self.state_dir / "broker", ignore_errors=True)
+        shutil.rmtree(self.state_dir / "sites", ignore_errors=True)
+        amqp_port, dist_port, management_port, prometheus_port = free_tcp_ports(4)
+        node = LocalNode(
+            self.state_dir,
+            amqp_port=amqp_port,
+            dist_port=dist_port,
+            management_port=management_port,
+            prometheus_port=prometheus_port,
+            statistics_interval_ms=self.statistics_interval_ms,
+        )
+        node.start(timeout=NODE_START_TIMEOUT)
+        return node
+
     def stop(self) -> None:
-        if self.node is not None:
+        if self.node is not None and not self.keep_running:
             with contextlib.suppress(BrokerError):
                 self.node.stop()
-            self.node = None
+        self.node = None
 
     def _node(self) -> LocalNode:
         if self.node is None:
@@ -208,8 +228,8 @@ class BenchBroker:
         return read_broker_url(self.state_dir / "coordinator-broker.toml")
 
     def add_sites(self, site_ids: Iterable[str]) -> dict[str, str]:
-        """Provision each site as ``fedmq broker add-site`` does (its own user, permissions, queues, config file
-        under ``<state dir>/sites``); an existing one gets a new password. Returns site -> AMQP URL."""
+        """Provision each site as ``fedmq broker add-site --rotate-password`` does (its own user, permissions,
+        queues, config file under ``<state dir>/sites``). Returns site -> AMQP URL."""
         node = self._node()
         management = node.access.management()
         urls: dict[str, str] = {}
@@ -221,7 +241,7 @@ class BenchBroker:
                 amqp_port=node.access.amqp_port,
                 vhost=self.vhost,
                 state_dir=self.state_dir,
-                rotate_password=site_id in self.site_urls,
+                rotate_password=True,  # a site left by an earlier run gets a new password and file
             )
             urls[site_id] = read_broker_url(path)
         self.site_urls.update(urls)
@@ -229,6 +249,23 @@ class BenchBroker:
 
     def site_config_path(self, site_id: str) -> Path:
         return self.state_dir / "sites" / f"{site_id}.toml"
+
+
+def purge_queues(admin_url: str, site_ids: Sequence[str]) -> None:
+    """Empty every queue of the federation, so a run never sees the leftovers of the previous one."""
+    connection = pika.BlockingConnection(pika.URLParameters(admin_url))
+    try:
+        channel = connection.channel()
+        names = [queue.value for queue in topology.Queue]
+        for site in site_ids:
+            names += [spec.name for spec in topology.site_queues(site)]
+        for name in names:
+            try:
+                channel.queue_purge(name)
+            except pika.exceptions.ChannelClosedByBroker:
+                channel = connection.channel()  # a queue not declared yet: nothing to purge
+    finally:
+        connection.close()
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -255,6 +292,28 @@ def sample_process(pid: int) -> ProcessSample:
         peak_rss_bytes=int(fields.get("VmHWM", "0 kB").split()[0]) * 1024,
         cpu_seconds=cpu_seconds,
     )
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--doc``, ``--no-doc`` and ``--keep-broker``, shared by every broker-backed benchmark."""
+    parser.add_argument(
+        "--doc", type=Path, default=DEFAULT_DOC, help=f"markdown file to write the section into ({DEFAULT_DOC})"
+    )
+    parser.add_argument("--no-doc", action="store_true", help="print only; leave the markdown file alone")
+    parser.add_argument(
+        "--keep-broker",
+        action="store_true",
+        help="leave the benchmarks' RabbitMQ node running (the next benchmark reuses it)",
+    )
+
+
+def bench_broker(args: argparse.Namespace) -> BenchBroker:
+    """The node every benchmark of this state dir shares: ``<state dir>/bench``."""
+    return BenchBroker(bench_root(args), keep_running=args.keep_broker)
+
+
+def bench_root(args: argparse.Namespace) -> Path:
+    return Path(args.state_dir / "bench").resolve()
 
 
 def python_command(module: str, *arguments: str) -> list[str]:

@@ -1,16 +1,330 @@
-"""``fedmq bench scale``: being written."""
+"""``fedmq bench scale``: one coordinator against 10, 50, 100 and 200 sites.
+
+Every site is provisioned as a real broker user (``fedmq broker add-site``'s code: own user, permissions,
+inbox and control queue) and keeps its own AMQP connection open for the whole measurement, sending a heartbeat
+every ``--heartbeat`` seconds, as a site agent does. For each site count the update queue is pre-filled with
+the same number of updates (spread round-robin over the sites, each with its own credentials and publisher
+confirms), then a real ``fedmq coordinator run`` (synthetic model, FedBuff K=10) that knows exactly those sites
+drains it while its resident memory and CPU time are sampled from /proc. Updates per second come from the
+coordinator's audit log (first to last update), as in ``fedmq bench throughput``.
+
+Goal: memory independent of the number of sites (it should grow with the model and the buffer), throughput flat.
+"""
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
-HELP = "(being written)"
+import pika
+
+from broker.topology import Exchange, Kind, routing_key
+from fedmq.bench.harness import (
+    BenchBroker,
+    add_common_arguments,
+    bench_broker,
+    bench_root,
+    command_line,
+    describe_machine,
+    free_tcp_ports,
+    markdown_table,
+    purge_queues,
+    python_command,
+    replace_section,
+    sample_process,
+    stop_process,
+)
+from fedmq.bench.synthetic import UpdateTemplate, model_tensors, synthetic_coordinator_toml
+from fedmq.bench.throughput import rate_of, update_records
+from schemas import Heartbeat, SiteState
+
+HELP = "10..200 sites as real broker users against one coordinator: updates/s, coordinator RSS and CPU"
+DEFAULT_SITE_COUNTS = (10, 50, 100, 200)
+DEFAULT_PARAMS = 100_000
+DEFAULT_UPDATES = 400
+DEFAULT_HEARTBEAT_SECONDS = 5.0
+DRAIN_TIMEOUT_SECONDS = 600.0
+SAMPLE_SECONDS = 0.2
+
+
+@dataclass(frozen=True)
+class ScaleRow:
+    sites: int
+    updates: int
+    rate: float
+    rss_start_mb: float
+    rss_end_mb: float
+    peak_rss_mb: float
+    cpu_percent: float
+    cpu_ms_per_update: float
+    heartbeats: int
+    rejected: int
+
+
+class SiteFleet:
+    """One blocking connection per site, all owned by the calling thread until ``start_heartbeats`` hands them
+    to a heartbeat thread."""
+
+    def __init__(self, urls: dict[str, str], heartbeat_seconds: float) -> None:
+        self.connections = {site: pika.BlockingConnection(pika.URLParameters(url)) for site, url in urls.items()}
+        self.channels = {site: connection.channel() for site, connection in self.connections.items()}
+        for channel in self.channels.values():
+            channel.confirm_delivery()
+        self.heartbeat_seconds = heartbeat_seconds
+        self.heartbeats_sent = 0
+        self.sent: dict[str, int] = dict.fromkeys(urls, 0)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def publish_updates(self, templates: dict[str, UpdateTemplate], count: int) -> None:
+        sites = list(self.channels)
+        for number in range(count):
+            site = sites[number % len(sites)]
+            _, body = templates[site].body(self.sent[site])
+            self.sent[site] += 1
+            self.channels[site].basic_publish(
+                Exchange.UPDATES.value,
+                routing_key(site, Kind.UPDATE),
+                body,
+                pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, user_id=site),
+                mandatory=True,
+            )
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            for site, channel in self.channels.items():
+                if self._stop.is_set():
+                    return
+                body = Heartbeat(site_id=site, state=SiteState.TRAINING, agent_version="bench").encode()
+                channel.basic_publish(
+                    Exchange.STATUS.value,
+                    routing_key(site, Kind.HEARTBEAT),
+                    body,
+                    pika.BasicProperties(user_id=site),
+                )
+                self.heartbeats_sent += 1
+            self._stop.wait(max(0.0, self.heartbeat_seconds - (time.monotonic() - started)))
+
+    def start_heartbeats(self) -> None:
+        self._thread = threading.Thread(target=self._heartbeat_loop, name="bench-heartbeats", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        for connection in self.connections.values():
+            if connection.is_open:
+                connection.close()
+
+
+def measure(
+    broker: BenchBroker,
+    site_ids: list[str],
+    *,
+    num_parameters: int,
+    updates: int,
+    heartbeat_seconds: float,
+    work_dir: Path,
+) -> ScaleRow:
+    purge_queues(broker.admin_url, site_ids)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True)
+    shapes = {name: tensor.shape for name, tensor in model_tensors(num_parameters).items()}
+    templates = {site: UpdateTemplate(site, shapes, seed=index) for index, site in enumerate(site_ids)}
+    fleet = SiteFleet({site: broker.site_urls[site] for site in site_ids}, heartbeat_seconds)
+    try:
+        fleet.publish_updates(templates, updates)
+        fleet.start_heartbeats()
+        return _drain(broker, site_ids, fleet, num_parameters=num_parameters, updates=updates, work_dir=work_dir)
+    finally:
+        fleet.close()
+
+
+def _drain(
+    broker: BenchBroker,
+    site_ids: list[str],
+    fleet: SiteFleet,
+    *,
+    num_parameters: int,
+    updates: int,
+    work_dir: Path,
+) -> ScaleRow:
+    (metrics_port,) = free_tcp_ports(1)
+    config_path = work_dir / "coordinator.toml"
+    state_dir = work_dir / "coordinator"
+    config_path.write_text(
+        synthetic_coordinator_toml(
+            num_parameters=num_parameters,
+            sites=site_ids,
+            broker_url=broker.coordinator_url,
+            state_dir=str(state_dir),
+            metrics_port=metrics_port,
+        )
+    )
+    audit = state_dir / "audit.jsonl"
+    with (work_dir / "coordinator.log").open("w") as log:
+        process = subprocess.Popen(
+            python_command(
+                "fedmq", "--state-dir", str(broker.state_dir), "coordinator", "run", "--config", str(config_path)
+            ),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
+            first = None
+            last = sample_process(process.pid)
+            records: list[dict[str, object]] = []
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the coordinator exited early; see {work_dir / 'coordinator.log'}")
+                records = update_records(audit)
+                last = sample_process(process.pid)
+                if records and first is None:
+                    first = (time.monotonic(), last)
+                if len(records) >= updates:
+                    break
+                time.sleep(SAMPLE_SECONDS)
+            ended = time.monotonic()
+        finally:
+            stop_process(process)
+    if first is None:
+        raise RuntimeError(f"the coordinator applied nothing; see {work_dir / 'coordinator.log'}")
+    started, first_sample = first
+    wall = max(ended - started, 1e-9)
+    cpu = last.cpu_seconds - first_sample.cpu_seconds
+    accepted = sorted(float(str(record["time"])) for record in records if record["outcome"] == "accepted")
+    return ScaleRow(
+        sites=len(site_ids),
+        updates=len(accepted),
+        rate=rate_of(accepted),
+        rss_start_mb=first_sample.rss_bytes / 1e6,
+        rss_end_mb=last.rss_bytes / 1e6,
+        peak_rss_mb=last.peak_rss_bytes / 1e6,
+        cpu_percent=100 * cpu / wall,
+        cpu_ms_per_update=1e3 * cpu / max(len(accepted), 1),
+        heartbeats=fleet.heartbeats_sent,
+        rejected=sum(1 for record in records if record["outcome"] != "accepted"),
+    )
+
+
+def format_report(rows: list[ScaleRow], *, machine: str, command: str, num_parameters: int, heartbeat: float) -> str:
+    lines = [
+        "## Scale: sites against one coordinator (`fedmq bench scale`)",
+        "",
+        f"Machine: {machine}.  ",
+        f"Command: `{command}`",
+        "",
+        f"Synthetic model of {num_parameters:,} float32 parameters, FedBuff K=10. Each site is a real broker user "
+        f"with its own open connection and a heartbeat every {heartbeat:g} s; the update queue is pre-filled "
+        "(round-robin over the sites, publisher confirms) and a real `fedmq coordinator run` drains it. RSS and CPU "
+        "of the coordinator process from /proc (RSS when it applied its first update, at the end, and its peak).",
+        "",
+        markdown_table(
+            [
+                "sites",
+                "updates",
+                "updates/s",
+                "RSS first MB",
+                "RSS end MB",
+                "peak RSS MB",
+                "CPU %",
+                "CPU ms/update",
+                "heartbeats",
+            ],
+            [
+                [
+                    str(row.sites),
+                    str(row.updates) + (f" ({row.rejected} rejected!)" if row.rejected else ""),
+                    f"{row.rate:.1f}",
+                    f"{row.rss_start_mb:.0f}",
+                    f"{row.rss_end_mb:.0f}",
+                    f"{row.peak_rss_mb:.0f}",
+                    f"{row.cpu_percent:.0f}",
+                    f"{row.cpu_ms_per_update:.1f}",
+                    str(row.heartbeats),
+                ]
+                for row in rows
+            ],
+        ),
+    ]
+    if len(rows) >= 2:
+        low, high = rows[0], rows[-1]
+        lines += [
+            "",
+            f"Ratios in this run, {high.sites} sites vs {low.sites}: "
+            f"peak RSS {high.peak_rss_mb / low.peak_rss_mb:.2f}x, updates/s {high.rate / low.rate:.2f}x, "
+            f"CPU per update {high.cpu_ms_per_update / low.cpu_ms_per_update:.2f}x.",
+        ]
+    return "\n".join(lines)
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated site counts, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"site counts must be >= 1, got {text!r}")
+    return counts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """No options yet."""
+    parser.add_argument(
+        "--sites", type=_counts, default=list(DEFAULT_SITE_COUNTS), help="comma-separated (default 10,50,100,200)"
+    )
+    parser.add_argument("--params", type=int, default=DEFAULT_PARAMS, help=f"model size (default {DEFAULT_PARAMS:,})")
+    parser.add_argument("--updates", type=int, default=DEFAULT_UPDATES, help="updates per site count (default 400)")
+    parser.add_argument(
+        "--heartbeat", type=float, default=DEFAULT_HEARTBEAT_SECONDS, help="seconds between a site's heartbeats"
+    )
+    add_common_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    print("not written yet")
-    return 2
+    root = bench_root(args) / "scale"
+    counts = sorted(args.sites)
+    all_sites = [f"scale-site-{index:03d}" for index in range(max(counts))]
+    rows: list[ScaleRow] = []
+    with bench_broker(args) as broker:
+        started = time.monotonic()
+        broker.add_sites(all_sites)
+        print(f"provisioned {len(all_sites)} sites in {time.monotonic() - started:.0f} s", flush=True)
+        for count in counts:
+            rows.append(
+                measure(
+                    broker,
+                    all_sites[:count],
+                    num_parameters=args.params,
+                    updates=args.updates,
+                    heartbeat_seconds=args.heartbeat,
+                    work_dir=root / f"run-{count}",
+                )
+            )
+            row = rows[-1]
+            print(
+                f"{count} sites: {row.rate:.1f} updates/s, peak RSS {row.peak_rss_mb:.0f} MB, "
+                f"CPU {row.cpu_percent:.0f}%",
+                flush=True,
+            )
+        rabbitmq_version = broker.rabbitmq_version
+    report = format_report(
+        rows,
+        machine=describe_machine(rabbitmq_version),
+        command=command_line(),
+        num_parameters=args.params,
+        heartbeat=args.heartbeat,
+    )
+    print()
+    print(report)
+    if not args.no_doc:
+        replace_section(args.doc, "scale", report)
+        print(f"\nwritten to {args.doc}")
+    return 0

@@ -40,17 +40,19 @@ import pika
 import pika.exceptions
 import torch
 
-from broker import topology
 from broker.topology import site_inbox
 from fedmq.bench.flower_heart import READY_MARKER as FLOWER_READY_MARKER
 from fedmq.bench.harness import (
-    DEFAULT_DOC,
     BenchBroker,
+    add_common_arguments,
+    bench_broker,
+    bench_root,
     command_line,
     describe_machine,
     free_tcp_ports,
     markdown_table,
     median_or_none,
+    purge_queues,
     replace_section,
 )
 from fedmq.bench.heart import HEART_SITES, HeartReferee, Scores
@@ -68,8 +70,8 @@ SYSTEM_LABELS = {
     FLOWER: "Flower FedAvg",
 }
 ASYNC_SYSTEMS = ("fedbuff", "fedasync")
-DEFAULT_SEEDS = (0, 1, 2)
-DEFAULT_BUDGET_SECONDS = 60.0
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+DEFAULT_BUDGET_SECONDS = 30.0
 DEFAULT_SLOW_SITE = "switzerland"
 DEFAULT_SLOWDOWN = 10.0
 POOLED_TARGET = 0.75
@@ -206,23 +208,6 @@ class ModelObserver:
                 connection.close()
 
 
-def purge_queues(admin_url: str, site_ids: Sequence[str]) -> None:
-    """Empty every queue of the federation, so a run never sees the leftovers of the previous one."""
-    connection = pika.BlockingConnection(pika.URLParameters(admin_url))
-    try:
-        channel = connection.channel()
-        names = [queue.value for queue in topology.Queue]
-        for site in site_ids:
-            names += [spec.name for spec in topology.site_queues(site)]
-        for name in names:
-            try:
-                channel.queue_purge(name)
-            except pika.exceptions.ChannelClosedByBroker:
-                channel = connection.channel()  # a queue not declared yet: nothing to purge
-    finally:
-        connection.close()
-
-
 # --------------------------------------------------------------------------------------------- fedmq runs
 
 
@@ -302,7 +287,8 @@ def run_fedmq(broker: BenchBroker, root: Path, plan: FederationPlan) -> RunResul
         group.stop_all()
         observer.stop()
     result.models = list(observer.models)
-    shutil.copytree(broker.state_dir / "coordinator", run_dir / "coordinator", dirs_exist_ok=True)
+    if (broker.state_dir / "coordinator").is_dir():  # kept with the run's logs for a post-mortem
+        shutil.copytree(broker.state_dir / "coordinator", run_dir / "coordinator", dirs_exist_ok=True)
     return result
 
 
@@ -689,7 +675,7 @@ def _systems(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seeds", type=_seeds, default=list(DEFAULT_SEEDS), help="comma-separated (default 0,1,2)")
+    parser.add_argument("--seeds", type=_seeds, default=list(DEFAULT_SEEDS), help="comma-separated (default 0,1,2,3,4)")
     parser.add_argument(
         "--budget", type=float, default=DEFAULT_BUDGET_SECONDS, help="seconds per run once training can start"
     )
@@ -708,12 +694,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=sys.executable,
         help="the Python that runs Flower's processes (needs flwr; default: this one)",
     )
-    parser.add_argument("--doc", type=Path, default=DEFAULT_DOC, help=f"markdown file to write into ({DEFAULT_DOC})")
-    parser.add_argument("--no-doc", action="store_true", help="print only; leave the markdown file alone")
+    add_common_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    root = (args.state_dir / "bench" / "straggler").resolve()
+    root = bench_root(args) / "straggler"
     slow = {args.slow_site: args.slowdown}
     systems: list[str] = list(args.systems)
     flower_note = ""
@@ -732,7 +717,7 @@ def run(args: argparse.Namespace) -> int:
         flower_note = "Flower not requested"
     results: list[RunResult] = []
     referee = HeartReferee()
-    with BenchBroker(root) as broker:
+    with bench_broker(args) as broker:
         for seed in args.seeds:
             for system in systems:
                 print(f"seed {seed}: {SYSTEM_LABELS[system]} for {args.budget:.0f} s ...", flush=True)

@@ -50,12 +50,16 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import Coordinator
 from coordinator.validation import DuplicateFilter, ValidUpdate, validate_update
 from fedmq.bench.harness import (
-    DEFAULT_DOC,
     BenchBroker,
+    add_common_arguments,
+    bench_broker,
+    bench_root,
     command_line,
     describe_machine,
     free_tcp_ports,
+    load_average,
     markdown_table,
+    purge_queues,
     python_command,
     replace_section,
     stop_process,
@@ -69,10 +73,10 @@ DEFAULT_SIZES = (100_000, 1_000_000, 11_000_000)
 DEFAULT_BUDGET_MB = 1200.0
 DEFAULT_SITES = 8
 DEFAULT_BUFFER_SIZE = 10
-DEFAULT_SPLIT_CYCLES = 2
+DEFAULT_SPLIT_CYCLES = 1
 GOAL_RATIO = 0.9
 GOAL_FROM_PARAMS = 1_000_000
-MIN_MESSAGES, MAX_MESSAGES = 12, 2000
+MIN_MESSAGES, MAX_MESSAGES = 12, 200
 DRAIN_TIMEOUT_SECONDS = 600.0
 ResultT = TypeVar("ResultT")
 
@@ -370,7 +374,7 @@ def drain_with_coordinator(
             while time.monotonic() < deadline:
                 if process.poll() is not None:
                     raise RuntimeError(f"the coordinator exited early; see {work_dir / 'coordinator.log'}")
-                records = _update_records(audit_path)
+                records = update_records(audit_path)
                 if len(records) >= count:
                     break
                 time.sleep(0.2)
@@ -380,7 +384,7 @@ def drain_with_coordinator(
     return accepted, sum(1 for record in records if record["outcome"] != "accepted")
 
 
-def _update_records(path: Path) -> list[dict[str, Any]]:
+def update_records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
@@ -394,7 +398,7 @@ def _update_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _rate(times: Sequence[float]) -> float:
+def rate_of(times: Sequence[float]) -> float:
     if len(times) < 2 or times[-1] <= times[0]:
         return float("nan")
     return (len(times) - 1) / (times[-1] - times[0])
@@ -415,6 +419,7 @@ def measure_drains(
 ) -> DrainRow:
     site_ids = [f"bench-site-{index:03d}" for index in range(site_count)]
     urls = {site: broker.site_urls.get(site) or broker.add_sites([site])[site] for site in site_ids}
+    purge_queues(broker.admin_url, site_ids)
     shapes = {name: tensor.shape for name, tensor in model_tensors(num_parameters).items()}
     sites = ScriptedSites(urls, shapes)
     try:
@@ -436,10 +441,10 @@ def measure_drains(
         message_bytes=sites.message_bytes,
         messages=count,
         publish_rate=count / publish_seconds,
-        raw_rate=_rate(raw_times),
-        coordinator_rate=_rate(coordinator_times),
+        raw_rate=rate_of(raw_times),
+        coordinator_rate=rate_of(coordinator_times),
         coordinator_rejected=rejected + one_thread_rejected,
-        one_thread_rate=_rate(one_thread_times),
+        one_thread_rate=rate_of(one_thread_times),
     )
 
 
@@ -450,7 +455,7 @@ def format_report(drains: list[DrainRow], splits: list[SplitRow], machine: str, 
     lines = [
         "## Coordinator throughput (`fedmq bench throughput`)",
         "",
-        f"Machine: {machine}. Load average before / after: {load}.  ",
+        f"Machine: {machine}. Load average when it started: {load}.  ",
         f"Command: `{command}`",
         "",
         "Drain of a pre-filled update queue (quorum, persistent messages) on the same broker, one after the other: "
@@ -527,10 +532,6 @@ def format_report(drains: list[DrainRow], splits: list[SplitRow], machine: str, 
     return "\n".join(lines)
 
 
-def load_average() -> str:
-    return " ".join(f"{value:.1f}" for value in os.getloadavg())
-
-
 def _sizes(text: str) -> list[int]:
     try:
         sizes = [int(float(part)) for part in text.split(",") if part.strip()]
@@ -552,7 +553,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--budget-mb",
         type=float,
         default=DEFAULT_BUDGET_MB,
-        help=f"message bytes per drain and size; sets the update count (default {DEFAULT_BUDGET_MB:.0f})",
+        help=f"MB of messages per drain and size, within {MIN_MESSAGES}..{MAX_MESSAGES} updates (default {DEFAULT_BUDGET_MB:.0f})",
     )
     parser.add_argument("--sites", type=int, default=DEFAULT_SITES, help="scripted sites (broker users)")
     parser.add_argument("--buffer-size", type=int, default=DEFAULT_BUFFER_SIZE, help="FedBuff K (default 10)")
@@ -560,21 +561,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--split-cycles",
         type=int,
         default=DEFAULT_SPLIT_CYCLES,
-        help="buffer cycles timed in process per size (default 2)",
+        help="buffer cycles (K updates each) timed in process per size (default 1)",
     )
     parser.add_argument("--skip-broker", action="store_true", help="only the in-process split (no RabbitMQ)")
-    add_doc_arguments(parser)
-
-
-def add_doc_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--doc", type=Path, default=DEFAULT_DOC, help=f"markdown file to write the section into ({DEFAULT_DOC})"
-    )
-    parser.add_argument("--no-doc", action="store_true", help="print only; leave the markdown file alone")
+    add_common_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    work_root = args.state_dir / "bench" / "throughput"
+    work_root = bench_root(args) / "throughput"
     work_root.mkdir(parents=True, exist_ok=True)
     load_before = load_average()
     splits: list[SplitRow] = []
@@ -595,7 +589,7 @@ def run(args: argparse.Namespace) -> int:
     drains: list[DrainRow] = []
     rabbitmq_version = None
     if not args.skip_broker:
-        with BenchBroker(work_root) as broker:
+        with bench_broker(args) as broker:
             rabbitmq_version = broker.rabbitmq_version
             for size in args.sizes:
                 with tempfile.TemporaryDirectory(dir=work_root) as scratch:
@@ -615,8 +609,7 @@ def run(args: argparse.Namespace) -> int:
                     f"({drain.ratio:.2f}x), one thread {drain.one_thread_rate:.1f}/s ({drain.one_thread_ratio:.2f}x)",
                     flush=True,
                 )
-    load = f"{load_before} / {load_average()}"
-    report = format_report(drains, splits, describe_machine(rabbitmq_version), command_line(), load)
+    report = format_report(drains, splits, describe_machine(rabbitmq_version), command_line(), load_before)
     print()
     print(report)
     if not args.no_doc:

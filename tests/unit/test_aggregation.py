@@ -6,6 +6,7 @@ Each expected value is written out with the paper's formula in the test, so a re
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -400,6 +401,50 @@ def test_site_share_cap_resets_when_the_buffer_is_applied() -> None:
     assert reason is None
 
 
+def test_example_weighted_fedbuff_weights_each_delta_by_its_examples_and_staleness() -> None:
+    strategy = FedBuff(buffer_size=2, example_weighted=True)  # s(tau) = 1 / sqrt(1 + tau), server SGD, eta_g = 1
+    global_params = params(1.0, 1.0)
+
+    first = strategy.add(
+        global_params, 5, contribution(params(2.0, 0.0), update_id="u1", staleness=0, num_examples=30), global_params
+    )
+    second = strategy.add(
+        global_params,
+        5,
+        contribution(params(0.0, 4.0), site_id="site-b", update_id="u2", staleness=3, num_examples=10),
+        global_params,
+    )
+
+    assert first is None
+    # g = (30 * 1/sqrt(1) * [2, 0] + 10 * 1/sqrt(4) * [0, 4]) / (30 + 10) = [60, 20] / 40 = [1.5, 0.5]
+    assert values_of(second) == pytest.approx([2.5, 1.5])
+
+
+def test_example_weighted_fedbuff_with_equal_counts_is_the_published_rule() -> None:
+    global_params = params(1.0, 1.0)
+    updates = [
+        contribution(params(2.0, 0.0), update_id="u1", staleness=0, num_examples=7),
+        contribution(params(0.0, 4.0), site_id="site-b", update_id="u2", staleness=3, num_examples=7),
+    ]
+
+    published_params, _ = feed(FedBuff(buffer_size=2), global_params, 5, updates)
+    weighted_params, _ = feed(FedBuff(buffer_size=2, example_weighted=True), global_params, 5, updates)
+
+    # both: ([2, 0] + 1/2 * [0, 4]) / 2 = [1, 1];  x = [2, 2]
+    assert values_of(published_params) == pytest.approx([2.0, 2.0])
+    assert values_of(weighted_params) == pytest.approx([2.0, 2.0])
+
+
+def test_example_weighted_fedbuff_refuses_an_update_with_no_examples() -> None:
+    empty = contribution(params(1.0, 1.0), num_examples=0)
+
+    weighted_reason = FedBuff(buffer_size=2, example_weighted=True).check(empty, 0)
+    published_reason = FedBuff(buffer_size=2).check(empty, 0)
+
+    assert weighted_reason == "no-examples"
+    assert published_reason is None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Synchronous FedAvg
 # ----------------------------------------------------------------------------------------------------
@@ -524,6 +569,44 @@ def test_fedbuff_restored_mid_buffer_makes_the_same_next_model(kind: str) -> Non
     assert torch.equal(actual["w"], expected["w"])
 
 
+def test_example_weighted_fedbuff_restored_mid_buffer_makes_the_same_next_model() -> None:
+    def fresh() -> FedBuff:
+        return FedBuff(buffer_size=3, example_weighted=True, server_optimizer=ServerOptimizer("adam"))
+
+    def updates(first_id: int, count: int) -> list[Contribution]:
+        return [
+            replace(update, num_examples=5 + 20 * (index % 3))
+            for index, update in enumerate(fedbuff_updates(first_id, count))
+        ]
+
+    uninterrupted = fresh()
+    model, version = feed(uninterrupted, params(0.5, 0.5), 0, updates(0, 5))  # one step + 2 buffered
+    state = uninterrupted.state_dict()
+    restored = fresh()
+    restored.load_state_dict(state)
+
+    expected, _ = feed(uninterrupted, model, version, updates(5, 4))
+    actual, _ = feed(restored, model, version, updates(5, 4))
+
+    assert checkpoint_safe(state)
+    assert restored.buffered_update_ids() == uninterrupted.buffered_update_ids()
+    assert torch.equal(actual["w"], expected["w"])
+
+
+def test_a_fedbuff_checkpoint_with_the_other_example_weighting_is_refused() -> None:
+    published_state = FedBuff().state_dict()
+    weighted_state = FedBuff(example_weighted=True).state_dict()
+    from_before_the_option = {
+        key: value for key, value in published_state.items() if key not in ("example_weighted", "buffered_examples")
+    }
+
+    with pytest.raises(AggregationError, match="example_weighted=False, the config says True"):
+        FedBuff(example_weighted=True).load_state_dict(published_state)
+    with pytest.raises(AggregationError, match="example_weighted=True, the config says False"):
+        FedBuff().load_state_dict(weighted_state)
+    FedBuff().load_state_dict(from_before_the_option)  # an older checkpoint is the published, unweighted rule
+
+
 def test_sync_restored_mid_round_makes_the_same_next_model() -> None:
     def fresh() -> SyncFedAvg:
         return SyncFedAvg(sites=["a", "b"], server_optimizer=ServerOptimizer("adam"))
@@ -572,11 +655,13 @@ def test_a_checkpoint_from_another_strategy_or_optimiser_is_refused() -> None:
 def test_build_strategy_from_flat_config_keys() -> None:
     fedasync = build_strategy("fedasync", alpha=0.8, staleness="hinge", staleness_a=5, staleness_b=2)
     fedbuff = build_strategy("fedbuff", buffer_size=4, server_optimizer="yogi", server_learning_rate=0.02)
+    weighted = build_strategy("fedbuff", example_weighted=True)
     sync = build_strategy("fedavg-sync", sites=["a", "b"], round_timeout_seconds=30)
 
     assert isinstance(fedasync, FedAsync) and fedasync.mixing_weight(3) == pytest.approx(0.8 / (5 * 1 + 1))
     assert isinstance(fedbuff, FedBuff) and fedbuff.server_optimizer.kind == "yogi"
     assert fedbuff.server_optimizer.learning_rate == 0.02 and fedbuff.staleness(3) == pytest.approx(0.5)
+    assert not fedbuff.example_weighted and isinstance(weighted, FedBuff) and weighted.example_weighted
     assert isinstance(sync, SyncFedAvg) and sync.sites == frozenset({"a", "b"})
 
 
@@ -587,6 +672,7 @@ def test_build_strategy_from_flat_config_keys() -> None:
         ("fedasync", {"buffer_size": 3}, "no parameters \\['buffer_size'\\]"),
         ("fedbuff", {"server_optimizer": "lamb"}, "unknown server optimiser 'lamb'"),
         ("fedbuff", {"buffer_size": 0}, "buffer_size must be an integer >= 1"),
+        ("fedbuff", {"example_weighted": "yes"}, "example_weighted must be true or false"),
         ("fedasync", {"alpha": 1.5}, "alpha must be in \\(0, 1\\]"),
         ("fedavg-sync", {"staleness": "hinge"}, "no parameters \\['staleness'\\]"),
     ],
