@@ -40,6 +40,7 @@ max_staleness = 20
 [strategy.params]
 buffer_size = 3
 max_site_share = 0.67
+example_weighted = true
 server_optimizer = "adam"
 server_learning_rate = 0.02
 """,

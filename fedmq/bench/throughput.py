@@ -553,7 +553,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--budget-mb",
         type=float,
         default=DEFAULT_BUDGET_MB,
-        help=f"MB of messages per drain and size, within {MIN_MESSAGES}..{MAX_MESSAGES} updates (default {DEFAULT_BUDGET_MB:.0f})",
+        help=f"MB of messages per drain and size, kept within {MIN_MESSAGES}..{MAX_MESSAGES} updates "
+        f"(default {DEFAULT_BUDGET_MB:.0f})",
     )
     parser.add_argument("--sites", type=int, default=DEFAULT_SITES, help="scripted sites (broker users)")
     parser.add_argument("--buffer-size", type=int, default=DEFAULT_BUFFER_SIZE, help="FedBuff K (default 10)")
