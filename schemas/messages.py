@@ -203,6 +203,34 @@ def _plain(value: object) -> Any:
     return value
 
 
+def _pack_into(value: Any, chunks: list[bytes | memoryview]) -> None:
+    """msgpack, written so that tensor bytes (memoryviews) are copied once, by the final join, instead of once
+    into the packer's buffer and again into the result. Maps and raw bytes get their msgpack headers here;
+    everything else is packed by msgpack itself."""
+    if isinstance(value, dict):
+        size = len(value)
+        if size < 16:
+            chunks.append(bytes((0x80 | size,)))
+        elif size < 2**16:
+            chunks.append(b"\xde" + size.to_bytes(2, "big"))
+        else:
+            chunks.append(b"\xdf" + size.to_bytes(4, "big"))
+        for key, item in value.items():
+            chunks.append(msgpack.packb(key, use_bin_type=True))
+            _pack_into(item, chunks)
+    elif isinstance(value, memoryview):
+        size = value.nbytes
+        if size < 2**8:
+            chunks.append(b"\xc4" + size.to_bytes(1, "big"))
+        elif size < 2**16:
+            chunks.append(b"\xc5" + size.to_bytes(2, "big"))
+        else:
+            chunks.append(b"\xc6" + size.to_bytes(4, "big"))
+        chunks.append(value.cast("B"))
+    else:
+        chunks.append(msgpack.packb(value, use_bin_type=True))
+
+
 # --------------------------------------------------------------------------------------------------- messages
 
 MessageT = TypeVar("MessageT", bound="Message")
@@ -223,7 +251,9 @@ class Message:
                 continue
             value = getattr(self, item.name)
             body[item.name] = encode_tensors(value, compression) if item.name in self.TENSOR_FIELDS else _plain(value)
-        return msgpack.packb(body, use_bin_type=True)
+        chunks: list[bytes | memoryview] = []
+        _pack_into(body, chunks)
+        return b"".join(chunks)  # the one copy of the tensor bytes
 
     @classmethod
     def decode(cls: type[MessageT], data: bytes, limits: DecodeLimits = DecodeLimits()) -> MessageT:
