@@ -47,7 +47,11 @@ class MemoryBroker:
             self.bindings.extend(topology.site_bindings(site_id))
 
     def route(self, exchange: str, routing_key: str, delivery: Delivery) -> int:
-        targets = {b.queue for b in self.bindings if b.exchange == exchange and topic_matches(b.routing_key, routing_key)}
+        targets = {
+            binding.queue
+            for binding in self.bindings
+            if binding.exchange == exchange and topic_matches(binding.routing_key, routing_key)
+        }
         for name in targets:
             queue = self.queues[name]
             queue.messages.append(delivery)
