@@ -9,7 +9,11 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from site_agent.agent import SiteAgent
+    from site_agent.config import SiteConfig
 
 log = logging.getLogger("fedmq.site")
 
@@ -40,16 +44,26 @@ def _help(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def run_command(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace) -> tuple[SiteConfig, SiteAgent] | None:
+    """The site's config and an agent with its data loaded, or None after printing why not."""
     from site_agent import runner
     from site_agent.config import SiteConfigError, load_site_config
 
     try:
         config = load_site_config(args.config)
-        agent = runner.build_agent(config)
+        return config, runner.build_agent(config)
     except (SiteConfigError, ValueError, LookupError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from site_agent import runner
+
+    loaded = _load(args)
+    if loaded is None:
         return 1
+    config, agent = loaded
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -64,14 +78,11 @@ def run_command(args: argparse.Namespace) -> int:
 
 def check_command(args: argparse.Namespace) -> int:
     from site_agent import runner
-    from site_agent.config import SiteConfigError, load_site_config
 
-    try:
-        config = load_site_config(args.config)
-        agent = runner.build_agent(config)
-    except (SiteConfigError, ValueError, LookupError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    loaded = _load(args)
+    if loaded is None:
         return 1
+    config, agent = loaded
     agent.close()
     print(f"OK: site {config.site_id}, task {config.task_name}, broker {runner.connection_settings(config).safe_url()}")
     return 0
