@@ -8,7 +8,8 @@ becomes a ``DeclarationError`` naming the queue. Sites never call this: they may
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import pika
 import pika.exceptions
@@ -39,23 +40,37 @@ def declare_topology(channel: BlockingChannel, site_ids: Iterable[str] = ()) -> 
         declare_site(channel, site_id)
 
 
-def declare_topology_at(target: str | pika.ConnectionParameters, site_ids: Iterable[str] = ()) -> None:
-    """Connect (a URL, or parameters carrying TLS settings) as a user allowed to configure ``fedmq.*``,
-    declare everything, disconnect."""
+@contextmanager
+def _channel_at(target: str | pika.ConnectionParameters, doing: str) -> Iterator[BlockingChannel]:
+    """A channel on a short-lived connection, with pika's errors turned into ``BrokerError``s naming ``doing``."""
     parameters = pika.URLParameters(target) if isinstance(target, str) else target
     shown = redact_url(target) if isinstance(target, str) else f"{parameters.host}:{parameters.port}"
     try:
         connection = pika.BlockingConnection(parameters)
     except pika.exceptions.AMQPConnectionError as exc:
-        raise BrokerNotReachable(f"cannot connect to {shown} to declare the topology: {exc!r}") from exc
+        raise BrokerNotReachable(f"cannot connect to {shown} to {doing}: {exc!r}") from exc
     try:
-        declare_topology(connection.channel(), site_ids)
+        yield connection.channel()
     except pika.exceptions.ChannelClosedByBroker as exc:
-        raise DeclarationError(
-            f"the broker refused to declare the topology ({exc.reply_code} {exc.reply_text})"
-        ) from exc
+        raise DeclarationError(f"the broker refused to {doing} ({exc.reply_code} {exc.reply_text})") from exc
     except pika.exceptions.AMQPConnectionError as exc:
-        raise BrokerNotReachable(f"lost the connection to {shown} while declaring: {exc!r}") from exc
+        raise BrokerNotReachable(f"lost the connection to {shown} while trying to {doing}: {exc!r}") from exc
     finally:
         if connection.is_open:
             connection.close()
+
+
+def declare_topology_at(target: str | pika.ConnectionParameters, site_ids: Iterable[str] = ()) -> None:
+    """Connect (a URL, or parameters carrying TLS settings) as a user allowed to configure ``fedmq.*``,
+    declare everything, disconnect."""
+    with _channel_at(target, "declare the topology") as channel:
+        declare_topology(channel, site_ids)
+
+
+def purge_queues_at(target: str | pika.ConnectionParameters, queues: Iterable[str]) -> int:
+    """Drop the ready messages of existing queues (a fresh demo run); returns how many were dropped."""
+    dropped = 0
+    with _channel_at(target, "purge queues") as channel:
+        for queue in queues:
+            dropped += channel.queue_purge(queue).method.message_count
+    return dropped

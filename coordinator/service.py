@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +39,7 @@ from coordinator.config import CoordinatorConfig, as_dict
 from coordinator.evaluation import EvaluationBook, GlobalEvaluation
 from coordinator.liveness import Liveness
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.model_files import write_safetensors
 from coordinator.validation import (
     DuplicateFilter,
     Rejection,
@@ -57,7 +57,6 @@ from schemas import (
     ModelFingerprint,
     SchemaError,
 )
-from schemas.tensors import raw_view
 
 log = logging.getLogger(__name__)
 
@@ -556,35 +555,3 @@ class Coordinator:
         )
         write_file_durably(directory / "run_summary.json", json.dumps(self.summary(), indent=2).encode())
         log.info("final model v%d and run summary written to %s", self.state.version, directory)
-
-
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """The safetensors layout (8-byte header length, JSON header, raw little-endian data): loadable anywhere,
-    no pickle."""
-    names = {
-        torch.float32: "F32",
-        torch.float16: "F16",
-        torch.bfloat16: "BF16",
-        torch.float64: "F64",
-        torch.int64: "I64",
-        torch.int32: "I32",
-        torch.int16: "I16",
-        torch.int8: "I8",
-        torch.uint8: "U8",
-        torch.bool: "BOOL",
-    }
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    chunks: list[bytes] = []
-    offset = 0
-    for name, tensor in tensors.items():
-        raw = bytes(raw_view(tensor.detach().cpu().contiguous()))
-        header[name] = {
-            "dtype": names[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + len(raw)],
-        }
-        chunks.append(raw)
-        offset += len(raw)
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    write_file_durably(path, len(encoded).to_bytes(8, "little") + encoded + b"".join(chunks))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import subprocess
 import threading
 import time
@@ -46,7 +47,7 @@ from schemas import Heartbeat, SiteState
 HELP = "10..200 sites as real broker users against one coordinator: updates/s, coordinator RSS and CPU"
 DEFAULT_SITE_COUNTS = (10, 50, 100, 200)
 DEFAULT_PARAMS = 100_000
-DEFAULT_UPDATES = 400
+DEFAULT_UPDATES = 300
 DEFAULT_HEARTBEAT_SECONDS = 5.0
 DRAIN_TIMEOUT_SECONDS = 600.0
 SAMPLE_SECONDS = 0.2
@@ -215,6 +216,28 @@ def _drain(
     )
 
 
+def combine(rows: list[ScaleRow]) -> list[ScaleRow]:
+    """One row per site count: the median rate and CPU over its repeats, the largest memory figures."""
+    combined = []
+    for sites in sorted({row.sites for row in rows}):
+        mine = [row for row in rows if row.sites == sites]
+        combined.append(
+            ScaleRow(
+                sites=sites,
+                updates=sum(row.updates for row in mine),
+                rate=statistics.median(row.rate for row in mine),
+                rss_start_mb=max(row.rss_start_mb for row in mine),
+                rss_end_mb=max(row.rss_end_mb for row in mine),
+                peak_rss_mb=max(row.peak_rss_mb for row in mine),
+                cpu_percent=statistics.median(row.cpu_percent for row in mine),
+                cpu_ms_per_update=statistics.median(row.cpu_ms_per_update for row in mine),
+                heartbeats=sum(row.heartbeats for row in mine),
+                rejected=sum(row.rejected for row in mine),
+            )
+        )
+    return combined
+
+
 def format_report(rows: list[ScaleRow], *, machine: str, command: str, num_parameters: int, heartbeat: float) -> str:
     lines = [
         "## Scale: sites against one coordinator (`fedmq bench scale`)",
@@ -225,7 +248,9 @@ def format_report(rows: list[ScaleRow], *, machine: str, command: str, num_param
         f"Synthetic model of {num_parameters:,} float32 parameters, FedBuff K=10. Each site is a real broker user "
         f"with its own open connection and a heartbeat every {heartbeat:g} s; the update queue is pre-filled "
         "(round-robin over the sites, publisher confirms) and a real `fedmq coordinator run` drains it. RSS and CPU "
-        "of the coordinator process from /proc (RSS when it applied its first update, at the end, and its peak).",
+        "of the coordinator process from /proc (RSS when it applied its first update, at the end, and its peak). "
+        "Each site count runs once per sweep, sweeps alternating up and down; updates/s and CPU are medians over "
+        "the sweeps, memory the largest seen, updates the total.",
         "",
         markdown_table(
             [
@@ -281,7 +306,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sites", type=_counts, default=list(DEFAULT_SITE_COUNTS), help="comma-separated (default 10,50,100,200)"
     )
     parser.add_argument("--params", type=int, default=DEFAULT_PARAMS, help=f"model size (default {DEFAULT_PARAMS:,})")
-    parser.add_argument("--updates", type=int, default=DEFAULT_UPDATES, help="updates per site count (default 400)")
+    parser.add_argument("--updates", type=int, default=DEFAULT_UPDATES, help="updates per run (default 300)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="sweeps over the site counts, alternating up and down (default 2)"
+    )
     parser.add_argument(
         "--heartbeat", type=float, default=DEFAULT_HEARTBEAT_SECONDS, help="seconds between a site's heartbeats"
     )
@@ -297,7 +325,9 @@ def run(args: argparse.Namespace) -> int:
         started = time.monotonic()
         broker.add_sites(all_sites)
         print(f"provisioned {len(all_sites)} sites in {time.monotonic() - started:.0f} s", flush=True)
-        for count in counts:
+        # Up and down again (ABBA): a machine whose load drifts during the run biases no site count.
+        order = [count for sweep in range(args.repeats) for count in (counts if sweep % 2 == 0 else counts[::-1])]
+        for count in order:
             rows.append(
                 measure(
                     broker,
@@ -316,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
             )
         rabbitmq_version = broker.rabbitmq_version
     report = format_report(
-        rows,
+        combine(rows),
         machine=describe_machine(rabbitmq_version),
         command=command_line(),
         num_parameters=args.params,

@@ -56,8 +56,13 @@ from fedmq.bench.harness import (
     replace_section,
 )
 from fedmq.bench.heart import HEART_SITES, HeartReferee, Scores
-from fedmq.demo import STRATEGIES, DemoOptions, ProcessGroup, coordinator_toml, fedmq_command
+from fedmq.demo import STRATEGIES, STRATEGY_TABLES, DemoOptions, ProcessGroup, coordinator_toml, fedmq_command
 from schemas import GlobalModel, SchemaError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 HELP = "time to accuracy with one hospital 10x slower: fedmq FedBuff/FedAsync/sync FedAvg vs Flower FedAvg"
 OBSERVER_SITE = "bench-observer"
@@ -585,6 +590,16 @@ def plot_curves(results: Sequence[RunResult], seed: int, path: Path, title: str)
     return True
 
 
+def strategy_settings() -> str:
+    """The demo's strategy tables as this run used them, e.g. ``fedasync (alpha=0.3, ...)``."""
+    described = []
+    for name, table in STRATEGY_TABLES.items():
+        strategy = tomllib.loads(table)["strategy"]
+        settings = {"max_staleness": strategy.get("max_staleness"), **strategy.get("params", {})}
+        described.append(f"{name} ({', '.join(f'{key}={value}' for key, value in settings.items())})")
+    return "; ".join(described)
+
+
 def format_report(
     results: Sequence[RunResult],
     *,
@@ -595,6 +610,8 @@ def format_report(
     seeds: Sequence[int],
     flower_note: str,
     plot: str | None,
+    local_steps: int = 100,
+    learning_rate: float = 0.01,
 ) -> str:
     systems = [system for system in SYSTEM_LABELS if any(result.system == system for result in results)]
     summaries = {system: summarise(results, system) for system in systems}
@@ -605,13 +622,13 @@ def format_report(
         f"Machine: {machine}.  ",
         f"Command: `{command}`",
         "",
-        f"Heart-disease, four hospitals, slowed: {slow_text}; every system: 100 local SGD steps, learning rate 0.01, "
+        f"Heart-disease, four hospitals, slowed: {slow_text}; every system: {local_steps} local SGD steps, "
+        f"learning rate {learning_rate:g}, "
         f"batch 4, the same seeded initial model, seeds {', '.join(map(str, seeds))}, a budget of "
         f"{budget_seconds:.0f} s counted from when training can start (first global model published and all four "
         "sites connected; the start-up before that is in its own column). fedmq strategies as `fedmq demo` configures "
-        "them (FedBuff K=3 with FedAdam-style server Adam, FedAsync alpha 0.6 polynomial, sync FedAvg); "
-        f"{flower_note}. Every global model is scored by the same referee on the four FLamby test splits. "
-        "Medians over seeds; a seed that missed a target within the budget counts as the budget.",
+        f"them: {strategy_settings()}; {flower_note}. Every global model is scored by the same referee on the four "
+        "FLamby test splits. Medians over seeds; a seed that missed a target within the budget counts as the budget.",
         "",
         markdown_table(
             [
@@ -770,6 +787,8 @@ def run(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         flower_note=flower_note,
         plot=plot_name if plotted else None,
+        local_steps=args.local_steps,
+        learning_rate=args.learning_rate,
     )
     print()
     print(report)

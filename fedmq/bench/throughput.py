@@ -520,16 +520,18 @@ def format_report(drains: list[DrainRow], splits: list[SplitRow], machine: str, 
             ],
             [
                 [f"{row.params:,}", str(row.threads), f"{row.add * 1e3:.2f}"]
-                + [
-                    f"{seconds * 1e3:.1f} ms = {seconds / row.add:.0f}x"
-                    for seconds in (*row.phases().values(), row.total)
-                ]
-                + [row.bottleneck(), f"{row.packed_checkpoint * 1e3:.1f} ms = {row.packed_checkpoint / row.add:.0f}x"]
+                + [_in_adds(seconds, row.add) for seconds in (*row.phases().values(), row.total)]
+                + [row.bottleneck(), _in_adds(row.packed_checkpoint, row.add)]
                 for row in splits
             ],
         ),
     ]
     return "\n".join(lines)
+
+
+def _in_adds(seconds: float, add_seconds: float) -> str:
+    ratio = seconds / add_seconds
+    return f"{seconds * 1e3:.1f} ms = {ratio:.1f}x" if ratio < 10 else f"{seconds * 1e3:.1f} ms = {ratio:.0f}x"
 
 
 def _sizes(text: str) -> list[int]:

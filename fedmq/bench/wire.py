@@ -235,17 +235,18 @@ def write_medmnist_like(path: Path, *, seed: int = 0, train: int = 2000, test: i
     (a class-specific position and shape), labels (N, 1). Deterministic in ``seed``."""
     rng = np.random.default_rng(seed)
     grid_y, grid_x = np.mgrid[0:28, 0:28].astype(np.float32)
-    centres = [(9.0, 9.0, 3.0), (9.0, 19.0, 5.0), (19.0, 9.0, 5.0), (19.0, 19.0, 3.0)]
+    # Close centres, faint blobs and heavy noise: a CNN tops out well below 100%, so a cost can show.
+    centres = [(10.0, 10.0, 3.0), (10.0, 18.0, 4.5), (18.0, 10.0, 4.5), (18.0, 18.0, 3.0)]
 
     def make(count: int) -> tuple[np.ndarray, np.ndarray]:
         labels = rng.integers(0, IMAGE_CLASSES, size=count)
         images = np.empty((count, 28, 28), dtype=np.uint8)
         for index, label in enumerate(labels):
             cy, cx, radius = centres[label]
-            cy += rng.normal(0, 2.0)
-            cx += rng.normal(0, 2.0)
+            cy += rng.normal(0, 2.5)
+            cx += rng.normal(0, 2.5)
             blob = np.exp(-((grid_y - cy) ** 2 + (grid_x - cx) ** 2) / (2 * radius**2))
-            noisy = 160 * blob + rng.normal(60, 45, size=(28, 28))
+            noisy = 90 * blob + rng.normal(70, 55, size=(28, 28))
             images[index] = np.clip(noisy, 0, 255).astype(np.uint8)
         return images, labels.reshape(-1, 1).astype(np.int64)
 

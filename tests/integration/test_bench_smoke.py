@@ -56,7 +56,9 @@ def test_scale_measures_one_coordinator_against_each_site_count(
 ) -> None:
     doc = tmp_path / "BENCHMARKS.md"
 
-    exit_code = _bench(bench_state, doc, "scale", "--sites", "2,3", "--updates", "12", "--params", "5000")
+    exit_code = _bench(
+        bench_state, doc, "scale", "--sites", "2,3", "--updates", "12", "--params", "5000", "--repeats", "1"
+    )
 
     output = capsys.readouterr().out
     assert exit_code == 0

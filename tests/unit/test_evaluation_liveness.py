@@ -12,7 +12,7 @@ import torch
 from broker.topology import Exchange, Kind, routing_key, site_control_queue
 from coordinator.config import LivenessSettings, StoppingSettings
 from coordinator.evaluation import EvaluationBook, aggregate_reports
-from coordinator.service import write_safetensors
+from coordinator.model_files import write_safetensors
 from schemas import Control, ControlCommand, EvalReport, Heartbeat, SiteState
 from schemas.tensors import DTYPES
 from tests.unit.test_coordinator_service import SITES, Federation, fedbuff, start_federation
@@ -298,3 +298,29 @@ def test_the_final_model_file_holds_every_wire_dtype(tmp_path: Path) -> None:
     assert list(header) == list(DTYPES)
     sizes = [end - start for start, end in (entry["data_offsets"] for entry in header.values())]
     assert sizes == [2 * torch.empty((), dtype=dtype).element_size() for dtype in DTYPES.values()]
+
+
+def test_final_model_file_reads_back_bit_exact(tmp_path: Path) -> None:
+    # Prepare: a model with every dtype the final model can hold, and an empty tensor.
+    from coordinator.model_files import read_safetensors
+
+    tensors = {
+        "weight": torch.randn(3, 4),
+        "half": torch.randn(5).to(torch.float16),
+        "brain": torch.randn(2, 2).to(torch.bfloat16),
+        "steps": torch.tensor(7, dtype=torch.int64),
+        "mask": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 3),
+    }
+    path = tmp_path / "final_model.safetensors"
+
+    # Execute
+    write_safetensors(path, tensors, {"version": "12"})
+    loaded, metadata = read_safetensors(path)
+
+    # Assert
+    assert metadata == {"version": "12"}
+    assert list(loaded) == list(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape
+        assert torch.equal(loaded[name], tensor)
