@@ -100,6 +100,9 @@ def run_command(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    import torch
+
+    torch.set_num_threads(config.torch_threads)
     registry = CollectorRegistry()
     coordinator = runner.build_coordinator(config, registry)
     coordinator.metrics.serve(config.metrics.host, config.metrics.port)

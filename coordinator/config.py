@@ -80,7 +80,9 @@ class StrategySettings:
 class ValidationSettings:
     max_update_norm: float = 1e4
     max_message_mb: float = 256.0
-    remembered_update_ids: int = 100_000
+    # Redelivered updates are caught by their id; resent ones also by their site's seq, so a short memory suffices
+    # and keeps the per-update checkpoint small.
+    remembered_update_ids: int = 2_000
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,9 @@ class CoordinatorConfig:
     state_dir: Path = Path(".fedmq/coordinator")
     seed: int = 0
     update_prefetch: int = 8
+    # One torch thread: on a small host, two threads fighting over cores made validation 10-60x slower
+    # (docs/BENCHMARKS.md, coordinator throughput).
+    torch_threads: int = 1
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     strategy: StrategySettings = field(default_factory=StrategySettings)
     training: TrainingConfig = field(default_factory=TrainingConfig)

@@ -97,26 +97,43 @@ def test_the_same_tensor_twice_in_a_state_is_stored_once(tmp_path: Path) -> None
 
 
 def test_an_unchanged_tensor_is_not_written_again_and_a_replaced_one_is_removed(tmp_path: Path) -> None:
-    # Prepare
+    # Prepare: one save writes all its new tensors into one file
     kept, replaced = torch.ones(4), torch.zeros(4)
     store = CheckpointStore(tmp_path)
     store.save({"model": {"kept": kept, "replaced": replaced}})
-    before = tensor_files(tmp_path)
-    assert len(before) == 2
+    first = tensor_files(tmp_path)
+    assert len(first) == 1
 
     # Execute: the federation logic never edits in place, it makes a new tensor
-    store.save({"model": {"kept": kept, "replaced": replaced + 1}})
+    newer = replaced + 1
+    store.save({"model": {"kept": kept, "replaced": newer}})
+    second = tensor_files(tmp_path)
+    store.save({"model": {"kept": kept + 1, "replaced": newer}})
+    third = tensor_files(tmp_path)
 
-    # Assert: the kept tensor's file is the same file (name and mtime), the replaced one's file is gone
-    after = tensor_files(tmp_path)
-    assert len(after) == 2
-    unchanged = set(before) & set(after)
-    assert len(unchanged) == 1
-    [kept_file] = unchanged
-    assert after[kept_file] == before[kept_file]
+    # Assert: only the new tensor was written (the first file is untouched, one file more); once no entry points
+    # into the first file any more, it is gone
+    assert set(first) < set(second) and len(second) == 2
+    assert all(second[name] == mtime for name, mtime in first.items())
+    assert not set(first) & set(third) and len(third) == 2
     loaded = CheckpointStore(tmp_path).load()
     assert loaded is not None
     assert torch.equal(loaded["model"]["replaced"], torch.ones(4))
+    assert torch.equal(loaded["model"]["kept"], torch.full((4,), 2.0))
+
+
+def test_one_save_writes_one_file_however_many_tensors_changed(tmp_path: Path) -> None:
+    # Prepare: a model with many tensors, as a ResNet's state has
+    state = {"params": {f"layer{index}": torch.full((index + 1,), float(index)) for index in range(60)}}
+
+    # Execute
+    CheckpointStore(tmp_path).save(state)
+    loaded = CheckpointStore(tmp_path).load()
+
+    # Assert
+    assert len(tensor_files(tmp_path)) == 1
+    assert loaded is not None
+    assert all(torch.equal(loaded["params"][name], tensor) for name, tensor in state["params"].items())
 
 
 def test_a_restarted_store_does_not_rewrite_what_it_loaded(tmp_path: Path) -> None:
