@@ -285,10 +285,14 @@ def format_report(rows: list[ScaleRow], *, machine: str, command: str, num_param
         lines += [
             "",
             f"Ratios in this run, {high.sites} sites vs {low.sites}: "
-            f"peak RSS {high.peak_rss_mb / low.peak_rss_mb:.2f}x, updates/s {high.rate / low.rate:.2f}x, "
-            f"CPU per update {high.cpu_ms_per_update / low.cpu_ms_per_update:.2f}x.",
+            f"peak RSS {_ratio(high.peak_rss_mb, low.peak_rss_mb)}, updates/s {_ratio(high.rate, low.rate)}, "
+            f"CPU per update {_ratio(high.cpu_ms_per_update, low.cpu_ms_per_update)}.",
         ]
     return "\n".join(lines)
+
+
+def _ratio(numerator: float, denominator: float) -> str:
+    return f"{numerator / denominator:.2f}x" if denominator > 0 else "-"
 
 
 def _counts(text: str) -> list[int]:
