@@ -202,13 +202,6 @@ class PikaTransport(Transport):
         except _CONNECTION_ERRORS as exc:
             raise TransportConnectionError(f"connection lost: {exc!r}") from exc
 
-    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
-        """Run callback on the I/O thread (inside the next poll); the one method other threads may call."""
-        try:
-            self._connection.add_callback_threadsafe(callback)
-        except _CONNECTION_ERRORS as exc:
-            raise TransportConnectionError(f"connection lost: {exc!r}") from exc
-
     def close(self) -> None:
         if self._closed:
             return
