@@ -23,6 +23,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -318,6 +319,20 @@ def bench_root(args: argparse.Namespace) -> Path:
 
 def python_command(module: str, *arguments: str) -> list[str]:
     return [sys.executable, "-m", module, *arguments]
+
+
+def start_coordinator(
+    broker: BenchBroker, config_path: Path, log: Any, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """A real ``fedmq coordinator run`` against the benchmark's broker, its output going to ``log``."""
+    return subprocess.Popen(
+        python_command(
+            "fedmq", "--state-dir", str(broker.state_dir), "coordinator", "run", "--config", str(config_path)
+        ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
 
 
 def stop_process(process: subprocess.Popen[bytes], grace_seconds: float = 20.0) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -35,9 +34,9 @@ from fedmq.bench.harness import (
     free_tcp_ports,
     markdown_table,
     purge_queues,
-    python_command,
     replace_section,
     sample_process,
+    start_coordinator,
     stop_process,
 )
 from fedmq.bench.synthetic import UpdateTemplate, model_tensors, synthetic_coordinator_toml
@@ -171,13 +170,7 @@ def _drain(
     )
     audit = state_dir / "audit.jsonl"
     with (work_dir / "coordinator.log").open("w") as log:
-        process = subprocess.Popen(
-            python_command(
-                "fedmq", "--state-dir", str(broker.state_dir), "coordinator", "run", "--config", str(config_path)
-            ),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        process = start_coordinator(broker, config_path, log)
         try:
             deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
             first = None

@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -60,8 +59,8 @@ from fedmq.bench.harness import (
     load_average,
     markdown_table,
     purge_queues,
-    python_command,
     replace_section,
+    start_coordinator,
     stop_process,
 )
 from fedmq.bench.synthetic import UpdateTemplate, model_tensors, synthetic_coordinator_toml
@@ -360,13 +359,8 @@ def drain_with_coordinator(
     )
     audit_path = state_dir / "audit.jsonl"
     with (work_dir / "coordinator.log").open("w") as log:
-        process = subprocess.Popen(
-            python_command(
-                "fedmq", "--state-dir", str(broker.state_dir), "coordinator", "run", "--config", str(config_path)
-            ),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"} if one_thread else None,
+        process = start_coordinator(
+            broker, config_path, log, env={**os.environ, "OMP_NUM_THREADS": "1"} if one_thread else None
         )
         try:
             deadline = time.monotonic() + DRAIN_TIMEOUT_SECONDS
