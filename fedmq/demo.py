@@ -172,10 +172,20 @@ class ProcessGroup:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[TextIO] = []
 
-    def start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        log_file = (self.log_dir / f"{name}.log").open("w")
+    def start(
+        self,
+        name: str,
+        command: list[str],
+        *,
+        append: bool = False,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> subprocess.Popen[bytes]:
+        log_file = (self.log_dir / f"{name}.log").open("a" if append else "w")
         self._logs.append(log_file)
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=cwd
+        )
         self.processes[name] = process
         return process
 
@@ -192,6 +202,7 @@ class ProcessGroup:
                 process.wait()
         for log_file in self._logs:
             log_file.close()
+        self._logs.clear()
 
 
 def run_checked(command: list[str], what: str) -> str:

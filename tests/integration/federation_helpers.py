@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
+
+from fedmq.demo import ProcessGroup
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STOP_GRACE_SECONDS = 15.0
@@ -88,23 +89,22 @@ class FedmqProcesses:
     def __init__(self, state_dir: Path, log_dir: Path) -> None:
         self.state_dir = state_dir
         self.log_dir = log_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.group = ProcessGroup(log_dir)
         self.started_at: dict[str, float] = {}
-        self._logs: list[TextIO] = []
+
+    @property
+    def processes(self) -> dict[str, subprocess.Popen[bytes]]:
+        return self.group.processes
 
     def start(self, name: str, *arguments: str) -> subprocess.Popen[bytes]:
-        log = self.log_path(name).open("a")
-        self._logs.append(log)
         python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-        process = subprocess.Popen(
+        process = self.group.start(
+            name,
             [sys.executable, "-m", "fedmq", "--state-dir", str(self.state_dir), *arguments],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
+            append=True,
             env={**os.environ, "PYTHONPATH": python_path},
+            cwd=REPO_ROOT,
         )
-        self.processes[name] = process
         self.started_at[name] = time.time()
         return process
 
@@ -138,19 +138,7 @@ class FedmqProcesses:
         return [name for name, process in self.processes.items() if process.poll() is None]
 
     def stop_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for log in self._logs:
-            log.close()
-        self._logs.clear()
+        self.group.stop_all(STOP_GRACE_SECONDS)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, message: str, processes: FedmqProcesses) -> None:

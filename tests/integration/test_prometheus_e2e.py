@@ -304,20 +304,27 @@ def test_prometheus_sees_the_federation_progress_and_alerts_on_the_killed_site_o
         result = prometheus.query("fedmq_model_version")
         return float(result[0]["value"][1]) if result else -1.0
 
+    def stored_versions() -> list[float]:
+        """Every model version Prometheus stored so far, in scrape order."""
+        result = prometheus.query("fedmq_model_version[5m]")
+        return [float(value) for _, value in result[0]["values"]] if result else []
+
     # Prepare: a running federation, as Prometheus sees it: every site contributed, several versions made,
     # and no site-silent alert left over from the start (the coordinator reports sites down until they speak).
     poll_until(
-        lambda: applied_sites() == set(SITES) and version() >= 4,
+        lambda: applied_sites() == set(SITES) and version() >= 4 and len(set(stored_versions())) >= 3,
         FEDERATION_TIMEOUT,
-        lambda: f"federation never progressed (applied {applied_sites()}, v{version()}):\n{federation.diagnostics()}",
+        lambda: (
+            f"federation never progressed (applied {applied_sites()}, stored versions {stored_versions()}):\n"
+            f"{federation.diagnostics()}"
+        ),
     )
     poll_until(
         lambda: not prometheus.active_alerts(SITE_SILENT),
         FEDERATION_TIMEOUT,
         lambda: f"sites still silent: {prometheus.active_alerts(SITE_SILENT)}\n{federation.diagnostics()}",
     )
-    history = prometheus.query("fedmq_model_version[5m]")[0]["values"]
-    versions = [float(value) for _, value in history]
+    versions = stored_versions()
 
     # Execute: SIGKILL one hospital's agent; watch the alerts Prometheus computes, every quarter second.
     killed_at = time.time()
