@@ -57,20 +57,31 @@ class AuditLog:
             count, last = count + 1, str(record.get("hash", last))
         return count, last
 
-    def seal(self, fields: dict[str, Any]) -> dict[str, Any]:
-        """The record that would be appended next (chained, hashed), without writing it."""
-        record = {"seq_no": self.count + 1, **fields, "prev_hash": self.last_hash}
+    def seal(self, fields: dict[str, Any], after: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The record that would be appended next (chained, hashed), without writing it; ``after`` chains it to a
+        sealed record not yet appended (a batch being committed)."""
+        seq_no, previous = (after["seq_no"], after["hash"]) if after is not None else (self.count, self.last_hash)
+        record = {"seq_no": seq_no + 1, **fields, "prev_hash": previous}
         record["hash"] = record_hash(record)
         return record
 
     def append_sealed(self, record: dict[str, Any]) -> None:
-        if record.get("prev_hash") != self.last_hash:
-            raise ValueError("record was sealed against another chain head")
-        self._handle.write(json.dumps(record, sort_keys=True) + "\n")
+        self.append_sealed_batch([record])
+
+    def append_sealed_batch(self, records: list[dict[str, Any]]) -> None:
+        """Append sealed records in order with one fsync; all or none must continue the chain."""
+        head = self.last_hash
+        for record in records:
+            if record.get("prev_hash") != head:
+                raise ValueError("record was sealed against another chain head")
+            head = record["hash"]
+        if not records:
+            return
+        self._handle.write("".join(json.dumps(record, sort_keys=True) + "\n" for record in records))
         self._handle.flush()
         os.fsync(self._handle.fileno())
-        self.count += 1
-        self.last_hash = record["hash"]
+        self.count += len(records)
+        self.last_hash = head
 
     def append(self, fields: dict[str, Any]) -> dict[str, Any]:
         record = self.seal(fields)

@@ -110,6 +110,7 @@ class Federation:
             Exchange.UPDATES.value, routing_key(routing_site, Kind.UPDATE), body, user_id=property_user_id
         )
         self.transport.poll(0)
+        self.coordinator.commit()
 
     def send(self, update: ModelUpdate) -> bytes:
         body = update.encode()
@@ -670,6 +671,7 @@ def test_a_restarted_coordinator_resumes_version_params_buffer_and_duplicate_mem
     for update in updates:
         publish_update(broker, update)
     first.transport.poll(0)
+    first.coordinator.commit()
     assert first.coordinator.state.version == 1
     params_before = {name: tensor.clone() for name, tensor in first.coordinator.state.params.items()}
     first.crash()
@@ -690,6 +692,7 @@ def test_a_restarted_coordinator_resumes_version_params_buffer_and_duplicate_mem
     publish_update(broker, updates[0])
     publish_update(broker, updates[3])
     second.transport.poll(0)
+    second.coordinator.commit()
     assert rejection_counts(second.registry) == {("a", "duplicate"): 2.0}
     assert second.coordinator.state.version == 1
     assert second.coordinator.strategy.buffered_update_ids() == [updates[3].update_id]
@@ -717,10 +720,12 @@ def test_a_run_interrupted_after_every_update_ends_with_the_uninterrupted_model(
     for update in updates:
         publish_update(steady_broker, update)
         steady.transport.poll(0)
+        steady.coordinator.commit()
     for update in updates:
         run = start_run(crashing_config, crashing_broker)
         publish_update(crashing_broker, update)
         run.transport.poll(0)
+        run.coordinator.commit()
         run.crash()
     resumed = start_run(crashing_config, crashing_broker)
 
@@ -751,14 +756,16 @@ def test_a_crash_between_checkpoint_and_audit_append_is_repaired_on_restart(
     updates = heart_updates(2)
     publish_update(broker, updates[0])
     first.transport.poll(0)
+    first.coordinator.commit()
 
     def crash(record: dict[str, Any]) -> None:
         raise SimulatedCrash
 
-    monkeypatch.setattr(first.coordinator.audit, "append_sealed", crash)
+    monkeypatch.setattr(first.coordinator.audit, "append_sealed_batch", crash)
     publish_update(broker, updates[1])
     with pytest.raises(SimulatedCrash):
         first.transport.poll(0)
+        first.coordinator.commit()
     first.crash()
     audit_path = tmp_path / "audit.jsonl"
     assert verify_chain(audit_path).records == 1
@@ -766,6 +773,7 @@ def test_a_crash_between_checkpoint_and_audit_append_is_repaired_on_restart(
     # Execute: the restart restores the sealed record, then meets the redelivered (unacked) update
     second = start_run(config, broker)
     second.transport.poll(0)
+    second.coordinator.commit()
 
     # Assert
     assert verify_chain(audit_path).ok

@@ -22,6 +22,7 @@ def send_status(federation: Federation, site: str, kind: Kind, body: bytes, *, u
     sender = user_id or site
     federation.broker.connect(sender).publish(Exchange.STATUS.value, routing_key(site, kind), body, user_id=sender)
     federation.transport.poll(0)
+    federation.coordinator.commit()
 
 
 def heartbeat(federation: Federation, site: str, *, user_id: str | None = None) -> None:
