@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +98,31 @@ def command_line(arguments: Sequence[str] | None = None) -> str:
 
 def _markers(key: str) -> tuple[str, str]:
     return f"<!-- bench:{key} start -->", f"<!-- bench:{key} end -->"
+
+
+def publish_report(args: argparse.Namespace, name: str, report: str) -> int:
+    """Print a benchmark's report and, unless ``--no-doc``, replace its section in the markdown file."""
+    print()
+    print(report)
+    if not args.no_doc:
+        replace_section(args.doc, name, report)
+        print(f"\nwritten to {args.doc}")
+    return 0
+
+
+def positive_int_list(what: str) -> Callable[[str], list[int]]:
+    """An argparse type for comma-separated positive counts (``1e6`` allowed), naming ``what`` in errors."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(float(part)) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be >= 1, got {text!r}")
+        return values
+
+    return parse
 
 
 def replace_section(path: Path, key: str, body: str) -> None:

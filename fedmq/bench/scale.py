@@ -33,8 +33,9 @@ from fedmq.bench.harness import (
     describe_machine,
     free_tcp_ports,
     markdown_table,
+    positive_int_list,
+    publish_report,
     purge_queues,
-    replace_section,
     sample_process,
     start_coordinator,
     stop_process,
@@ -288,19 +289,12 @@ def _ratio(numerator: float, denominator: float) -> str:
     return f"{numerator / denominator:.2f}x" if denominator > 0 else "-"
 
 
-def _counts(text: str) -> list[int]:
-    try:
-        counts = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated site counts, got {text!r}") from None
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"site counts must be >= 1, got {text!r}")
-    return counts
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--sites", type=_counts, default=list(DEFAULT_SITE_COUNTS), help="comma-separated (default 10,50,100,200)"
+        "--sites",
+        type=positive_int_list("site counts"),
+        default=list(DEFAULT_SITE_COUNTS),
+        help="comma-separated (default 10,50,100,200)",
     )
     parser.add_argument("--params", type=int, default=DEFAULT_PARAMS, help=f"model size (default {DEFAULT_PARAMS:,})")
     parser.add_argument("--updates", type=int, default=DEFAULT_UPDATES, help="updates per run (default 300)")
@@ -349,9 +343,4 @@ def run(args: argparse.Namespace) -> int:
         num_parameters=args.params,
         heartbeat=args.heartbeat,
     )
-    print()
-    print(report)
-    if not args.no_doc:
-        replace_section(args.doc, "scale", report)
-        print(f"\nwritten to {args.doc}")
-    return 0
+    return publish_report(args, "scale", report)

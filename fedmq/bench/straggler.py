@@ -52,8 +52,8 @@ from fedmq.bench.harness import (
     free_tcp_ports,
     markdown_table,
     median_or_none,
+    publish_report,
     purge_queues,
-    replace_section,
 )
 from fedmq.bench.heart import HEART_SITES, HeartReferee, Scores
 from fedmq.demo import STRATEGIES, STRATEGY_TABLES, DemoOptions, ProcessGroup, coordinator_toml, fedmq_command
@@ -790,9 +790,4 @@ def run(args: argparse.Namespace) -> int:
         local_steps=args.local_steps,
         learning_rate=args.learning_rate,
     )
-    print()
-    print(report)
-    if not args.no_doc:
-        replace_section(args.doc, "straggler", report)
-        print(f"\nwritten to {args.doc}")
-    return 0
+    return publish_report(args, "straggler", report)

@@ -59,8 +59,9 @@ from fedmq.bench.harness import (
     free_tcp_ports,
     load_average,
     markdown_table,
+    positive_int_list,
+    publish_report,
     purge_queues,
-    replace_section,
     start_coordinator,
     stop_process,
 )
@@ -538,20 +539,10 @@ def _in_adds(seconds: float, add_seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms = {ratio:.1f}x" if ratio < 10 else f"{seconds * 1e3:.1f} ms = {ratio:.0f}x"
 
 
-def _sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(float(part)) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated parameter counts, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"parameter counts must be >= 1, got {text!r}")
-    return sizes
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sizes",
-        type=_sizes,
+        type=positive_int_list("parameter counts"),
         default=list(DEFAULT_SIZES),
         help="comma-separated float32 parameter counts (default: 100000,1000000,11000000)",
     )
@@ -617,9 +608,4 @@ def run(args: argparse.Namespace) -> int:
                     flush=True,
                 )
     report = format_report(drains, splits, describe_machine(rabbitmq_version), command_line(), load_before)
-    print()
-    print(report)
-    if not args.no_doc:
-        replace_section(args.doc, "throughput", report)
-        print(f"\nwritten to {args.doc}")
-    return 0
+    return publish_report(args, "throughput", report)

@@ -40,8 +40,8 @@ from fedmq.bench.harness import (
     free_tcp_ports,
     markdown_table,
     median_or_none,
+    publish_report,
     purge_queues,
-    replace_section,
 )
 from fedmq.bench.heart import HeartReferee, Scores
 from fedmq.bench.straggler import FederationPlan, RunResult, fedmq_plan, run_fedmq
@@ -517,12 +517,7 @@ def run(args: argparse.Namespace) -> int:
         seeds=seeds,
         budgets={"heart": args.heart_budget, "image": args.image_budget},
     )
-    print()
-    print(report)
-    if not args.no_doc:
-        replace_section(args.doc, "wire", report)
-        print(f"\nwritten to {args.doc}")
-    return 0
+    return publish_report(args, "wire", report)
 
 
 def _report_run(result: RunResult) -> RunResult:
