@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -40,6 +41,8 @@ from schemas import (
     TrainingMetrics,
 )
 from site_agent.tasks.base import SiteData, Task, architecture_digest
+
+MessageT = TypeVar("MessageT", bound=Message)
 
 log = logging.getLogger(__name__)
 
@@ -181,15 +184,20 @@ class SiteAgent:
         transport.consume(site_control_queue(self.site_id), self.on_control, prefetch=10)
         self.last_heartbeat = float("-inf")
 
-    def on_model(self, delivery: Delivery) -> None:
-        """Decode, keep as the newest model, ack. Training happens later, on the worker."""
+    def _decode_and_ack(self, delivery: Delivery, kind: type[MessageT], what: str) -> MessageT | None:
+        """Decode one delivery and ack it at once, whether it decoded or not (a bad one is logged and dropped)."""
         assert self.transport is not None
         try:
-            model = GlobalModel.decode(delivery.body)
+            message: MessageT | None = kind.decode(delivery.body)
         except SchemaError as exc:
-            log.error("ignored an undecodable global model: %s", exc)
-            model = None
+            log.error("ignored an undecodable %s: %s", what, exc)
+            message = None
         self.transport.ack(delivery)
+        return message
+
+    def on_model(self, delivery: Delivery) -> None:
+        """Decode, keep as the newest model, ack. Training happens later, on the worker."""
+        model = self._decode_and_ack(delivery, GlobalModel, "global model")
         if model is None:
             return
         refusal = self.trainer.refusal(model)
@@ -201,13 +209,7 @@ class SiteAgent:
             log.info("model v%d received", model.version)
 
     def on_control(self, delivery: Delivery) -> None:
-        assert self.transport is not None
-        try:
-            control = Control.decode(delivery.body)
-        except SchemaError as exc:
-            log.error("ignored an undecodable control message: %s", exc)
-            control = None
-        self.transport.ack(delivery)
+        control = self._decode_and_ack(delivery, Control, "control message")
         if control is None:
             return
         log.info("control: %s (%s)", control.command.value, control.reason or "no reason given")

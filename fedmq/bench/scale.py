@@ -31,7 +31,6 @@ from fedmq.bench.harness import (
     bench_root,
     command_line,
     describe_machine,
-    free_tcp_ports,
     markdown_table,
     positive_int_list,
     publish_report,
@@ -40,7 +39,7 @@ from fedmq.bench.harness import (
     start_coordinator,
     stop_process,
 )
-from fedmq.bench.synthetic import UpdateTemplate, model_tensors, synthetic_coordinator_toml
+from fedmq.bench.synthetic import UpdateTemplate, model_tensors, write_synthetic_coordinator
 from fedmq.bench.throughput import rate_of, update_records
 from schemas import Heartbeat, SiteState
 
@@ -157,17 +156,8 @@ def _drain(
     updates: int,
     work_dir: Path,
 ) -> ScaleRow:
-    (metrics_port,) = free_tcp_ports(1)
-    config_path = work_dir / "coordinator.toml"
-    state_dir = work_dir / "coordinator"
-    config_path.write_text(
-        synthetic_coordinator_toml(
-            num_parameters=num_parameters,
-            sites=site_ids,
-            broker_url=broker.coordinator_url,
-            state_dir=str(state_dir),
-            metrics_port=metrics_port,
-        )
+    config_path, state_dir = write_synthetic_coordinator(
+        work_dir, broker_url=broker.coordinator_url, num_parameters=num_parameters, sites=site_ids
     )
     audit = state_dir / "audit.jsonl"
     with (work_dir / "coordinator.log").open("w") as log:

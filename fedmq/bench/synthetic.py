@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -179,3 +180,25 @@ site_timeout_seconds = 3600
 host = "127.0.0.1"
 port = {metrics_port}
 """
+
+
+def write_synthetic_coordinator(
+    work_dir: Path, *, broker_url: str, num_parameters: int, sites: list[str], buffer_size: int = 10
+) -> tuple[Path, Path]:
+    """Write a benchmark coordinator's config (on a free metrics port) into ``work_dir``: (config path, state dir)."""
+    from fedmq.bench.harness import free_tcp_ports
+
+    (metrics_port,) = free_tcp_ports(1)
+    config_path = work_dir / "coordinator.toml"
+    state_dir = work_dir / "coordinator"
+    config_path.write_text(
+        synthetic_coordinator_toml(
+            num_parameters=num_parameters,
+            sites=sites,
+            broker_url=broker_url,
+            state_dir=str(state_dir),
+            metrics_port=metrics_port,
+            buffer_size=buffer_size,
+        )
+    )
+    return config_path, state_dir

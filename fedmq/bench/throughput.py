@@ -56,7 +56,6 @@ from fedmq.bench.harness import (
     bench_root,
     command_line,
     describe_machine,
-    free_tcp_ports,
     load_average,
     markdown_table,
     positive_int_list,
@@ -65,7 +64,7 @@ from fedmq.bench.harness import (
     start_coordinator,
     stop_process,
 )
-from fedmq.bench.synthetic import UpdateTemplate, model_tensors, synthetic_coordinator_toml
+from fedmq.bench.synthetic import UpdateTemplate, model_tensors, write_synthetic_coordinator
 from schemas import DecodeLimits, ModelFingerprint, ModelUpdate
 from schemas.tensors import raw_view
 
@@ -355,18 +354,12 @@ def drain_with_coordinator(
     ``one_thread`` the process runs with OMP_NUM_THREADS=1 (torch's intra-op pool of one thread)."""
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
-    state_dir = work_dir / "coordinator"
-    (metrics_port,) = free_tcp_ports(1)
-    config_path = work_dir / "coordinator.toml"
-    config_path.write_text(
-        synthetic_coordinator_toml(
-            num_parameters=num_parameters,
-            sites=sites,
-            broker_url=broker.coordinator_url,
-            state_dir=str(state_dir),
-            metrics_port=metrics_port,
-            buffer_size=buffer_size,
-        )
+    config_path, state_dir = write_synthetic_coordinator(
+        work_dir,
+        broker_url=broker.coordinator_url,
+        num_parameters=num_parameters,
+        sites=sites,
+        buffer_size=buffer_size,
     )
     audit_path = state_dir / "audit.jsonl"
     with (work_dir / "coordinator.log").open("w") as log:
