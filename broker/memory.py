@@ -85,7 +85,9 @@ class MemoryTransport(Transport):
         headers: Mapping[str, Any] | None = None,
         user_id: str | None = None,
         message_id: str | None = None,
+        persistent: bool = True,
     ) -> None:
+        # ``persistent`` changes nothing here: this broker never restarts.
         if self.closed:
             raise TransportClosed("transport is closed")
         if user_id is not None and user_id != self.login:

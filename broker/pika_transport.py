@@ -37,6 +37,8 @@ from broker.transport import (
 log = logging.getLogger(__name__)
 
 PERSISTENT = pika.DeliveryMode.Persistent
+TRANSIENT = pika.DeliveryMode.Transient
+SOCKET_READ_BYTES = 128 * 1024  # one AMQP frame at RabbitMQ's default frame_max
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,19 @@ class ConnectionSettings:
         return params
 
 
+def read_in_frame_sized_chunks(connection: pika.BlockingConnection) -> None:
+    """Make this connection read the socket a frame at a time instead of pika 1.4's 4 KiB.
+
+    pika 1.4 appends every read to an immutable bytes buffer until a whole frame is there, so a 128 KiB frame read
+    4 KiB at a time is copied about 16 times over: receiving one 4 MB update costs ~60 MB of copying and most of a
+    consumer's CPU (fixed upstream by pika PR #1653, not yet in a stable release). Frame-sized reads make a bare
+    consumer of 1M-parameter updates about 3x faster (``fedmq bench throughput``, column "raw, frame reads").
+    """
+    stream = getattr(getattr(connection, "_impl", None), "_transport", None)
+    if stream is not None and hasattr(stream, "_MAX_RECV_BYTES"):
+        stream._MAX_RECV_BYTES = SOCKET_READ_BYTES
+
+
 _CONNECTION_ERRORS = (
     pika.exceptions.AMQPConnectionError,
     pika.exceptions.ConnectionClosed,
@@ -106,6 +121,7 @@ class PikaTransport(Transport):
             raise TransportConnectionError(f"login refused by {settings.safe_url()}: {exc}") from exc
         except _CONNECTION_ERRORS as exc:
             raise TransportConnectionError(f"cannot connect to {settings.safe_url()}: {exc!r}") from exc
+        read_in_frame_sized_chunks(connection)
         return cls(connection)
 
     # -- channels
@@ -134,9 +150,10 @@ class PikaTransport(Transport):
         headers: Mapping[str, Any] | None = None,
         user_id: str | None = None,
         message_id: str | None = None,
+        persistent: bool = True,
     ) -> None:
         properties = pika.BasicProperties(
-            delivery_mode=PERSISTENT,
+            delivery_mode=PERSISTENT if persistent else TRANSIENT,
             headers=dict(headers) if headers else None,
             user_id=user_id,
             message_id=message_id,

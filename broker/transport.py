@@ -66,8 +66,10 @@ class Transport(ABC):
         headers: Mapping[str, Any] | None = None,
         user_id: str | None = None,
         message_id: str | None = None,
+        persistent: bool = True,
     ) -> None:
-        """Publish persistently and return once the broker confirmed it; raise PublishRefused otherwise."""
+        """Publish and return once the broker confirmed it; raise PublishRefused otherwise. ``persistent=False``
+        for what the broker need not keep across its own restart (the publisher sends it again)."""
 
     @abstractmethod
     def consume(self, queue: str, handler: Handler, *, prefetch: int = 1) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,12 @@ class AuditLog:
         self._repair_torn_tail()
         self.count, self.last_hash = self._scan()
         self._handle = path.open("a", encoding="utf-8")
+        self._digester = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmq-audit-digest")
+
+    def digest(self, body: bytes) -> Future[str]:
+        """``body_digest`` on a worker thread: hashlib lets go of the GIL, so hashing a large update overlaps
+        its decoding, validation and aggregation instead of adding to them."""
+        return self._digester.submit(body_digest, body)
 
     def _repair_torn_tail(self) -> None:
         """A crash mid-write can leave a last line without its newline; it was never acknowledged, drop it."""
@@ -89,6 +96,7 @@ class AuditLog:
         return record
 
     def close(self) -> None:
+        self._digester.shutdown(wait=True)
         self._handle.close()
 
 

@@ -102,6 +102,7 @@ def run(coordinator: Coordinator, stop: threading.Event) -> None:
         while not stop.is_set() and not coordinator.finished:
             transport.poll(POLL_SECONDS)
             coordinator.tick()
+        coordinator.commit()  # a batch still gathering: ack what is handled rather than have it redelivered
 
     run_reconnecting(settings, session, should_stop=lambda: stop.is_set() or coordinator.finished)
     coordinator.audit.close()

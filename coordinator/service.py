@@ -5,12 +5,15 @@ the in-memory transport in unit tests and against RabbitMQ in production. The pi
 one job: ``validation`` (pure checks), a ``Strategy`` (pure aggregation), ``CheckpointStore`` (durability),
 ``AuditLog`` (the trail), ``EvaluationBook`` (federated evaluation), ``Liveness`` and ``CoordinatorMetrics``.
 
-For each update: validate -> apply or buffer; then, for the batch of updates handled since the last commit (at
-most the prefetch, and at least every poll): durable checkpoint -> audit -> ack -> publish. A crash between any
+For each update: validate -> apply or buffer; then, for the batch of updates handled since the last commit:
+durable checkpoint -> audit -> ack -> publish. A crash between any
 two steps loses no acknowledged update and counts none twice: an update is acked only after the checkpoint that
 holds it, and a redelivered update that the checkpoint already holds is dropped as a duplicate. The audit records
 are sealed into the checkpoint before they are appended, so a crash between the two is repaired on restart.
-Committing a batch at a time costs one checkpoint and one audit fsync per batch instead of per update.
+Committing a batch at a time costs one checkpoint and one audit fsync per batch instead of per update. A batch
+holding a new version is committed at the end of the poll that made it (the sites are waiting for the model);
+updates that only filled the buffer gather while more keep arriving, up to half the prefetch (so the broker keeps
+sending the other half meanwhile) or ``COMMIT_MAX_DELAY_SECONDS``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,7 +38,7 @@ from broker.topology import (
 )
 from broker.transport import Delivery, PublishRefused, Transport
 from coordinator.aggregation import Contribution, FedAsync, Params, Strategy
-from coordinator.audit import AuditLog, body_digest
+from coordinator.audit import AuditLog
 from coordinator.checkpoint import CheckpointStore, write_file_durably
 from coordinator.config import CoordinatorConfig, as_dict
 from coordinator.evaluation import EvaluationBook, GlobalEvaluation
@@ -62,6 +66,7 @@ from schemas import (
 log = logging.getLogger(__name__)
 
 STATUS_PREFETCH = 50
+COMMIT_MAX_DELAY_SECONDS = 0.5
 
 
 @dataclass
@@ -84,6 +89,8 @@ class PendingCommit:
     dead_letters: list[tuple[Delivery, dict[str, Any]]] = field(default_factory=list)
     state_changed: bool = False
     new_version: bool = False
+    opened_at: float | None = None  # monotonic time of the first update in the batch
+    seen_at_last_poll: int = 0  # deliveries in the batch when the previous poll ended
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,7 @@ class Coordinator:
         self.state = RunState(version=0, params={name: tensor.clone() for name, tensor in initial_params.items()})
         self.transport: Transport | None = None
         self._pending = PendingCommit()
+        self._commit_batch = max(1, config.update_prefetch // 2)
         self.finishing_since: float | None = None
         self.finished = False
         self.stop_reason = ""
@@ -222,9 +230,14 @@ class Coordinator:
         )
 
     def publish_model(self) -> None:
+        """Transient: the checkpoint is the model's durable copy, and ``attach`` publishes it again on every
+        (re)connection, so the broker need not write each version of the whole model to disk."""
         try:
             self._transport().publish(
-                Exchange.MODELS.value, routing_key(BROADCAST_SITE, Kind.MODEL), self.current_model().encode()
+                Exchange.MODELS.value,
+                routing_key(BROADCAST_SITE, Kind.MODEL),
+                self.current_model().encode(),
+                persistent=False,
             )
         except PublishRefused as exc:
             log.warning("model v%d reached no site inbox (%s)", self.state.version, exc)
@@ -245,9 +258,22 @@ class Coordinator:
         if self.finishing_since is not None:
             return  # left unacked: it returns to the queue when this run closes
         self.process_update(delivery)
-        self._pending.deliveries.append(delivery)
-        if len(self._pending.deliveries) >= self.config.update_prefetch:
+        # Only the tag is needed to ack; a rejected body waits in ``dead_letters``. Dropping it here keeps a batch
+        # of large updates from holding their bodies until the commit.
+        self._pending.deliveries.append(replace(delivery, body=b""))
+        if self._pending.opened_at is None:
+            self._pending.opened_at = self.monotonic()
+        if len(self._pending.deliveries) >= self._commit_batch:
             self.commit()
+
+    def _commit_due(self) -> bool:
+        """At the end of a poll: commit a new version now; otherwise only once the updates stop coming (a poll
+        brought none) or the batch has waited ``COMMIT_MAX_DELAY_SECONDS``."""
+        pending = self._pending
+        arrived = len(pending.deliveries) - pending.seen_at_last_poll
+        pending.seen_at_last_poll = len(pending.deliveries)
+        waited = self.monotonic() - pending.opened_at if pending.opened_at is not None else 0.0
+        return pending.new_version or arrived == 0 or waited >= COMMIT_MAX_DELAY_SECONDS
 
     def commit(self) -> None:
         """Make what the handled updates changed durable, then ack them and publish: one checkpoint and one
@@ -273,6 +299,7 @@ class Coordinator:
     def process_update(self, delivery: Delivery) -> Outcome:
         started = time.perf_counter()
         now = self.clock()
+        digest = self.audit.digest(delivery.body)
         routed_site = site_from_routing_key(delivery.routing_key) or "unknown"
         label = routed_site if routed_site in self.known_sites else "unknown"
         self.metrics.updates_received.labels(site=label).inc()
@@ -301,9 +328,9 @@ class Coordinator:
                 if label in self.known_sites:
                     self.liveness.heard_from(label, now)
                     self._show_site(label)
-                return self._accept(delivery, checked, contribution, started, now)
+                return self._accept(delivery, digest, checked, contribution, started, now)
             checked = Rejection(refusal, f"refused by {self.strategy.name}: {refusal}", label, checked.update)
-        self._reject(delivery, checked, now)
+        self._reject(delivery, digest, checked, now)
         return Outcome(rejection=checked)
 
     def _as_model_dtypes(self, delta: Mapping[str, torch.Tensor]) -> Params:
@@ -313,7 +340,13 @@ class Coordinator:
         }
 
     def _accept(
-        self, delivery: Delivery, checked: ValidUpdate, contribution: Contribution, started: float, now: float
+        self,
+        delivery: Delivery,
+        digest: Future[str],
+        checked: ValidUpdate,
+        contribution: Contribution,
+        started: float,
+        now: float,
     ) -> Outcome:
         update = checked.update
         base = self.state.history.get(update.base_version, self.state.params)
@@ -323,6 +356,7 @@ class Coordinator:
         new_version = self._advance(new_params, now) if new_params is not None else None
         self._update_record(
             delivery,
+            digest,
             update.update_id,
             update.seq,
             update.base_version,
@@ -369,6 +403,7 @@ class Coordinator:
     def _update_record(
         self,
         delivery: Delivery,
+        digest: Future[str],
         update_id: str | None,
         seq: int | None,
         base_version: int | None,
@@ -393,7 +428,7 @@ class Coordinator:
                 "base_version": base_version,
                 "staleness": staleness,
                 "norm": norm,
-                "sha256": body_digest(delivery.body),
+                "sha256": digest.result(),
                 "bytes": len(delivery.body),
                 "outcome": outcome,
                 "reason": reason,
@@ -407,12 +442,13 @@ class Coordinator:
         pending.append(record)
         return record
 
-    def _reject(self, delivery: Delivery, rejection: Rejection, now: float) -> None:
+    def _reject(self, delivery: Delivery, digest: Future[str], rejection: Rejection, now: float) -> None:
         update = rejection.update
         reason = str(rejection.reason.value if hasattr(rejection.reason, "value") else rejection.reason)
         self.metrics.updates_rejected.labels(site=rejection.site_id, reason=reason).inc()
         self._update_record(
             delivery,
+            digest,
             update.update_id if update else None,
             update.seq if update else None,
             update.base_version if update else None,
@@ -495,8 +531,9 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------------------------- timers
     def tick(self) -> None:
-        """Called between polls: commit what the poll handled, then liveness, round timeouts, the stopping rule."""
-        self.commit()
+        """Called between polls: commit when due, then liveness, round timeouts, the stopping rule."""
+        if self._commit_due():
+            self.commit()
         now = self.clock()
         for site in self.liveness.sweep(now):
             log.warning("site %s is down: silent for more than %.0f s", site, self.liveness.timeout_seconds)

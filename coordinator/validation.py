@@ -81,11 +81,16 @@ def site_from_routing_key(routing_key: str) -> str | None:
 
 
 def update_norm(delta: Mapping[str, torch.Tensor]) -> float:
-    total = 0.0
+    """L2 norm over the floating-point tensors: NaN or inf when any value is (or the squares overflow).
+
+    One read of the data per tensor, with no temporary: this is also the finiteness check, and only a non-finite
+    result pays for ``first_non_finite`` to name the tensor.
+    """
+    squares = 0.0
     for tensor in delta.values():
         if tensor.is_floating_point():
-            total += float(torch.sum(tensor.to(torch.float32) ** 2))
-    return math.sqrt(total)
+            squares += float(torch.linalg.vector_norm(tensor, dtype=torch.float32)) ** 2
+    return math.sqrt(squares)
 
 
 def validate_update(
@@ -138,11 +143,11 @@ def validate_update(
     shape_problem = _shape_problem(update.delta, model)
     if shape_problem:
         return Rejection(Reason.WRONG_SHAPE, shape_problem, site_label, update)
-    bad_tensor = first_non_finite(update.delta)
+    norm = update_norm(update.delta)
+    bad_tensor = first_non_finite(update.delta) if not math.isfinite(norm) else None
     if bad_tensor is not None:
         return Rejection(Reason.NON_FINITE, f"delta[{bad_tensor!r}] holds NaN or inf", site_label, update)
-    norm = update_norm(update.delta)
-    if norm > max_norm:
+    if not norm <= max_norm:  # also an overflowing (inf) norm of finite values
         return Rejection(Reason.NORM_TOO_LARGE, f"L2 norm {norm:.4g} exceeds {max_norm:.4g}", site_label, update)
     return ValidUpdate(update, staleness, norm)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from broker.pika_transport import ConnectionSettings, PikaTransport, run_reconnecting
+from broker.pika_transport import SOCKET_READ_BYTES, ConnectionSettings, PikaTransport, run_reconnecting
 from broker.topology import BROADCAST_SITE, Exchange, Kind, Queue, routing_key, site_inbox
 from broker.transport import Delivery, PublishRefused
 
@@ -83,6 +84,45 @@ def test_confirmed_publish_is_consumed_with_the_senders_identity_and_acked(
         False,
     )
     assert broker_env.message_count(Queue.COORDINATOR_UPDATES.value) == 0
+
+
+def test_bodies_across_frame_boundaries_arrive_byte_for_byte(
+    broker_env: BrokerEnv, open_transports: Callable[[str], PikaTransport]
+) -> None:
+    """The transport reads the socket in frame-sized chunks (not pika's 4 KiB): frames split across reads, bodies
+    spanning many frames and several messages in one read must still come out intact and in order."""
+    # Prepare: sizes around the 128 KiB frame and a 5 MB update-sized body
+    site = broker_env.add_site(SITE)
+    site_transport = open_transports(site.url)
+    coordinator = open_transports(broker_env.coordinator_url)
+    sizes = [
+        0,
+        1,
+        SOCKET_READ_BYTES - 8,
+        SOCKET_READ_BYTES,
+        SOCKET_READ_BYTES + 1,
+        3 * SOCKET_READ_BYTES + 7,
+        5_000_000,
+    ]
+    bodies = [random.Random(size).randbytes(size) for size in sizes]
+    for number, body in enumerate(bodies):
+        site_transport.publish(
+            Exchange.UPDATES.value, routing_key(SITE, Kind.UPDATE), body, user_id=SITE, message_id=str(number)
+        )
+
+    # Execute
+    received: list[Delivery] = []
+
+    def handler(delivery: Delivery) -> None:
+        received.append(delivery)
+        coordinator.ack(delivery)
+
+    coordinator.consume(Queue.COORDINATOR_UPDATES.value, handler, prefetch=len(bodies))
+    poll_until(coordinator, lambda: len(received) == len(bodies))
+
+    # Assert
+    assert [delivery.message_id for delivery in received] == [str(number) for number in range(len(bodies))]
+    assert [delivery.body for delivery in received] == bodies
 
 
 def test_unacked_delivery_comes_back_redelivered_after_close(

@@ -34,7 +34,7 @@ from coordinator.config import CoordinatorConfig, StoppingSettings, StrategySett
 from coordinator.evaluation import EvaluationBook
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.runner import build_coordinator
-from coordinator.service import Coordinator
+from coordinator.service import COMMIT_MAX_DELAY_SECONDS, Coordinator
 from schemas import GlobalModel, Heartbeat, ModelFingerprint, ModelUpdate, SiteState, TrainingMetrics
 
 SITES = ("a", "b", "c")
@@ -303,6 +303,15 @@ def _norm_too_large(federation: Federation) -> bytes:
     return _send_update(federation, "a", delta(w=(60.0, 80.0), b=1.0))  # norm ~100.005 > 100
 
 
+def _squares_overflow(federation: Federation) -> bytes:
+    """Finite values whose squares overflow float32: the norm is inf, yet no value is."""
+    return _send_update(federation, "a", delta(w=(3e38, 3e38), b=0.0))
+
+
+def _nan_beside_a_huge_value(federation: Federation) -> bytes:
+    return _send_update(federation, "a", delta(w=(3e38, 0.0), b=math.nan))
+
+
 def _two_versions_from_a(federation: Federation) -> None:
     federation.send_good("a")
     federation.send_good("a")
@@ -371,6 +380,8 @@ REJECTION_CASES = [
     RejectionCase("NaN", "non-finite", "a", _nan),
     RejectionCase("inf", "non-finite", "a", _inf),
     RejectionCase("norm", "norm-too-large", "a", _norm_too_large),
+    RejectionCase("squares overflow", "norm-too-large", "a", _squares_overflow),
+    RejectionCase("NaN beside a huge value", "non-finite", "a", _nan_beside_a_huge_value),
     RejectionCase("stale", "stale", "b", _stale, prepare=_two_versions_from_a, max_staleness=1),
     RejectionCase("same update_id", "duplicate", "a", _same_update_again, prepare=_one_update_from_a),
     RejectionCase("same id, higher seq", "duplicate", "a", _same_id_higher_seq, prepare=_one_update_from_a),
@@ -801,3 +812,87 @@ def test_updates_arriving_while_the_run_is_finishing_stay_in_the_queue(tmp_path:
     assert federation.sample("fedmq_updates_applied_total", site="b") is None
     assert federation.rejections() == {}
     assert len(federation.transport.unacked) == 1
+
+
+# ----------------------------------------------------------------------------------------------- group commit
+
+
+def arrive(federation: Federation, site: str) -> None:
+    """A valid update from ``site`` reaches the queue; the coordinator has not polled yet."""
+    update = make_update(site, seq=federation.next_seq(site), base_version=federation.coordinator.state.version)
+    federation.broker.connect(site).publish(
+        Exchange.UPDATES.value, routing_key(site, Kind.UPDATE), update.encode(), user_id=site
+    )
+
+
+def poll_and_tick(federation: Federation) -> None:
+    """One turn of the service loop: deliver what is there, then the between-polls work."""
+    federation.transport.poll(0)
+    federation.coordinator.tick()
+
+
+def test_buffered_updates_gather_until_a_poll_brings_no_more(tmp_path: Path) -> None:
+    # Prepare: K = 10, so these updates only fill the buffer; prefetch 8 commits at 4
+    federation = start_federation(tmp_path, fedbuff(buffer_size=10), update_prefetch=8)
+    arrive(federation, "a")
+    arrive(federation, "b")
+
+    # Execute: the poll that delivered them, then one that brought nothing
+    poll_and_tick(federation)
+    gathering = (len(federation.transport.unacked), len(federation.audit()))
+    poll_and_tick(federation)
+
+    # Assert: held (unacked, unaudited) while arriving, committed once the stream paused
+    assert gathering == (2, 0)
+    assert len(federation.transport.unacked) == 0
+    assert [record["outcome"] for record in federation.audit()] == ["accepted", "accepted"]
+    assert federation.coordinator.checkpoints.load()["strategy"]["update_ids"] == [
+        record["update_id"] for record in federation.audit()
+    ]
+
+
+def test_a_batch_of_half_the_prefetch_is_committed_inside_the_poll(tmp_path: Path) -> None:
+    # Prepare
+    federation = start_federation(tmp_path, fedbuff(buffer_size=10), update_prefetch=8)
+    for site in ("a", "b", "c", "a"):
+        arrive(federation, site)
+
+    # Execute: deliver only, no tick
+    federation.transport.poll(0)
+
+    # Assert: the fourth update closed the batch, so the broker may already send the next ones
+    assert len(federation.transport.unacked) == 0
+    assert len(federation.audit()) == 4
+
+
+def test_a_new_version_is_committed_and_published_at_the_end_of_its_poll(tmp_path: Path) -> None:
+    # Prepare: K = 2, prefetch 8
+    federation = start_federation(tmp_path, fedbuff(buffer_size=2), update_prefetch=8)
+    arrive(federation, "a")
+    arrive(federation, "b")
+
+    # Execute: the poll that delivered them keeps going (arrivals), yet a version is waiting
+    poll_and_tick(federation)
+
+    # Assert
+    assert federation.inbox("c").version == 1
+    assert len(federation.transport.unacked) == 0
+    assert federation.coordinator.checkpoints.load()["version"] == 1
+
+
+def test_a_batch_that_keeps_growing_is_committed_after_the_maximum_delay(tmp_path: Path) -> None:
+    # Prepare: one update per poll, never a quiet poll
+    federation = start_federation(tmp_path, fedbuff(buffer_size=10), update_prefetch=8)
+    arrive(federation, "a")
+    poll_and_tick(federation)
+    held = len(federation.transport.unacked)
+
+    # Execute: the next update arrives after the maximum delay
+    federation.clock.advance(COMMIT_MAX_DELAY_SECONDS)
+    arrive(federation, "b")
+    poll_and_tick(federation)
+
+    # Assert
+    assert held == 1
+    assert len(federation.transport.unacked) == 0
+    assert len(federation.audit()) == 2

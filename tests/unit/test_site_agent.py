@@ -104,11 +104,20 @@ class DisconnectingTransport(MemoryTransport):
         headers: Any = None,
         user_id: str | None = None,
         message_id: str | None = None,
+        persistent: bool = True,
     ) -> None:
         if exchange == Exchange.UPDATES.value:
             self.lost_updates.append((bytes(body), message_id))
             raise TransportConnectionError("connection reset by peer")
-        super().publish(exchange, routing_key, body, headers=headers, user_id=user_id, message_id=message_id)
+        super().publish(
+            exchange,
+            routing_key,
+            body,
+            headers=headers,
+            user_id=user_id,
+            message_id=message_id,
+            persistent=persistent,
+        )
 
 
 # --------------------------------------------------------------------------------------------------- harness
