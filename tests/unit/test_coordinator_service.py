@@ -846,9 +846,9 @@ def test_buffered_updates_gather_until_a_poll_brings_no_more(tmp_path: Path) -> 
     assert gathering == (2, 0)
     assert len(federation.transport.unacked) == 0
     assert [record["outcome"] for record in federation.audit()] == ["accepted", "accepted"]
-    assert federation.coordinator.checkpoints.load()["strategy"]["update_ids"] == [
-        record["update_id"] for record in federation.audit()
-    ]
+    checkpoint = federation.coordinator.checkpoints.load()
+    assert checkpoint is not None
+    assert checkpoint["strategy"]["update_ids"] == [record["update_id"] for record in federation.audit()]
 
 
 def test_a_batch_of_half_the_prefetch_is_committed_inside_the_poll(tmp_path: Path) -> None:
@@ -877,7 +877,8 @@ def test_a_new_version_is_committed_and_published_at_the_end_of_its_poll(tmp_pat
     # Assert
     assert federation.inbox("c").version == 1
     assert len(federation.transport.unacked) == 0
-    assert federation.coordinator.checkpoints.load()["version"] == 1
+    checkpoint = federation.coordinator.checkpoints.load()
+    assert checkpoint is not None and checkpoint["version"] == 1
 
 
 def test_a_batch_that_keeps_growing_is_committed_after_the_maximum_delay(tmp_path: Path) -> None:
