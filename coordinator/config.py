@@ -113,7 +113,7 @@ class CoordinatorConfig:
     sites: tuple[str, ...] = ()
     state_dir: Path = Path(".fedmq/coordinator")
     seed: int = 0
-    update_prefetch: int = 8
+    update_prefetch: int = 16
     # One torch thread: on a small host, two threads fighting over cores made validation 10-60x slower
     # (docs/BENCHMARKS.md, coordinator throughput).
     torch_threads: int = 1

@@ -145,16 +145,18 @@ def synthetic_coordinator_toml(
     state_dir: str,
     metrics_port: int,
     buffer_size: int = 10,
-    prefetch: int = 8,
+    prefetch: int | None = None,
 ) -> str:
     """A coordinator.toml for the synthetic task: FedBuff (server SGD) with a staleness bound no scripted site
     reaches (they all train on version 0), liveness that never marks a scripted site down, no stopping rule."""
     import json
 
+    from coordinator.config import CoordinatorConfig
+
     return f"""# written by fedmq bench
 sites = {json.dumps(sites)}
 state_dir = {json.dumps(state_dir)}
-update_prefetch = {prefetch}
+update_prefetch = {prefetch or CoordinatorConfig.update_prefetch}
 
 [task]
 name = {json.dumps(synthetic_task_options(num_parameters)["name"])}

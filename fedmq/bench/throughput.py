@@ -76,6 +76,7 @@ DEFAULT_BUDGET_MB = 1200.0
 DEFAULT_SITES = 8
 DEFAULT_BUFFER_SIZE = 10
 DEFAULT_SPLIT_CYCLES = 1
+DEFAULT_REPEATS = 3
 GOAL_RATIO = 0.9
 GOAL_FROM_PARAMS = 1_000_000
 MIN_MESSAGES, MAX_MESSAGES = 12, 200
@@ -122,6 +123,7 @@ class DrainRow:
     params: int
     message_bytes: int
     messages: int
+    repeats: int
     publish_rate: float
     raw_rate: float
     frame_reads_rate: float
@@ -414,33 +416,43 @@ def measure_drains(
     budget_mb: float,
     buffer_size: int,
     work_dir: Path,
+    repeats: int,
 ) -> DrainRow:
+    """``repeats`` rounds of the three drains, interleaved so that a busy spell of the machine hits all three;
+    medians of the rates."""
     site_ids = [f"bench-site-{index:03d}" for index in range(site_count)]
     urls = {site: broker.site_urls.get(site) or broker.add_sites([site])[site] for site in site_ids}
     purge_queues(broker.admin_url, site_ids)
     shapes = {name: tensor.shape for name, tensor in model_tensors(num_parameters).items()}
     sites = ScriptedSites(urls, shapes)
+    rates: dict[str, list[float]] = {"publish": [], "raw": [], "frame reads": [], "coordinator": []}
+    rejected = 0
     try:
         count = messages_for(sites.message_bytes, budget_mb)
         prefetch = CoordinatorConfig().update_prefetch
-        publish_seconds = sites.publish(count)
-        raw_times = drain_with_bare_consumer(broker.coordinator_url, count, prefetch)
-        sites.publish(count)
-        frame_read_times = drain_with_bare_consumer(broker.coordinator_url, count, prefetch, frame_reads=True)
-        sites.publish(count)
-        coordinator_times, rejected = drain_with_coordinator(
-            broker, site_ids, num_parameters, count, work_dir / "coordinator", buffer_size
-        )
+        for _ in range(repeats):
+            rates["publish"].append(count / sites.publish(count))
+            rates["raw"].append(rate_of(drain_with_bare_consumer(broker.coordinator_url, count, prefetch)))
+            sites.publish(count)
+            frame_read_times = drain_with_bare_consumer(broker.coordinator_url, count, prefetch, frame_reads=True)
+            rates["frame reads"].append(rate_of(frame_read_times))
+            sites.publish(count)
+            coordinator_times, drain_rejected = drain_with_coordinator(
+                broker, site_ids, num_parameters, count, work_dir / "coordinator", buffer_size
+            )
+            rates["coordinator"].append(rate_of(coordinator_times))
+            rejected += drain_rejected
     finally:
         sites.close()
     return DrainRow(
         params=num_parameters,
         message_bytes=sites.message_bytes,
         messages=count,
-        publish_rate=count / publish_seconds,
-        raw_rate=rate_of(raw_times),
-        frame_reads_rate=rate_of(frame_read_times),
-        coordinator_rate=rate_of(coordinator_times),
+        repeats=repeats,
+        publish_rate=statistics.median(rates["publish"]),
+        raw_rate=statistics.median(rates["raw"]),
+        frame_reads_rate=statistics.median(rates["frame reads"]),
+        coordinator_rate=statistics.median(rates["coordinator"]),
         coordinator_rejected=rejected,
     )
 
@@ -461,13 +473,14 @@ def format_report(drains: list[DrainRow], splits: list[SplitRow], machine: str, 
         "aggregate, fsync'd checkpoint and audit, ack, publish each new version). Updates are published by "
         "scripted sites, each its own broker user, with publisher confirms. The goal compares the coordinator "
         "with the bare consumer as pika ships; the last ratio compares it with a consumer that receives as "
-        "cheaply as the coordinator does, i.e. what all the coordinator's own work costs.",
+        "cheaply as the coordinator does, i.e. what all the coordinator's own work costs. Rates are medians over "
+        "the repeats, the three drains interleaved in each.",
         "",
         markdown_table(
             [
                 "parameters",
                 "message MB",
-                "updates",
+                "updates x repeats",
                 "publish+confirm /s",
                 "raw consumer /s",
                 "raw, frame reads /s",
@@ -480,7 +493,7 @@ def format_report(drains: list[DrainRow], splits: list[SplitRow], machine: str, 
                 [
                     f"{row.params:,}",
                     f"{row.message_bytes / 1e6:.2f}",
-                    str(row.messages),
+                    f"{row.messages} x {row.repeats}",
                     f"{row.publish_rate:.1f}",
                     f"{row.raw_rate:.1f}",
                     f"{row.frame_reads_rate:.1f}",
@@ -555,6 +568,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_SPLIT_CYCLES,
         help="buffer cycles (K updates each) timed in process per size (default 1)",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=DEFAULT_REPEATS,
+        help=f"rounds of the three drains per size, medians reported (default {DEFAULT_REPEATS})",
+    )
     parser.add_argument("--skip-broker", action="store_true", help="only the in-process split (no RabbitMQ)")
     add_common_arguments(parser)
 
@@ -593,6 +612,7 @@ def run(args: argparse.Namespace) -> int:
                             budget_mb=args.budget_mb,
                             buffer_size=args.buffer_size,
                             work_dir=Path(scratch),
+                            repeats=args.repeats,
                         )
                     )
                 drain = drains[-1]

@@ -37,7 +37,19 @@ def test_throughput_compares_the_coordinator_with_a_bare_consumer(
 
     # Execute
     exit_code = _bench(
-        bench_state, doc, "throughput", "--sizes", "20000", "--budget-mb", "0.1", "--sites", "2", "--split-cycles", "1"
+        bench_state,
+        doc,
+        "throughput",
+        "--sizes",
+        "20000",
+        "--budget-mb",
+        "0.1",
+        "--sites",
+        "2",
+        "--split-cycles",
+        "1",
+        "--repeats",
+        "1",
     )
 
     # Assert
