@@ -6,10 +6,10 @@ one job: ``validation`` (pure checks), a ``Strategy`` (pure aggregation), ``Chec
 ``AuditLog`` (the trail), ``EvaluationBook`` (federated evaluation), ``Liveness`` and ``CoordinatorMetrics``.
 
 For each update: validate -> apply or buffer; then, for the batch of updates handled since the last commit:
-durable checkpoint -> audit -> ack -> publish. A crash between any
-two steps loses no acknowledged update and counts none twice: an update is acked only after the checkpoint that
-holds it, and a redelivered update that the checkpoint already holds is dropped as a duplicate. The audit records
-are sealed into the checkpoint before they are appended, so a crash between the two is repaired on restart.
+durable checkpoint -> audit -> ack -> publish. A crash between any two steps loses no acknowledged update and
+counts none twice: an update is acked only after the checkpoint that holds it, and a redelivered update that the
+checkpoint already holds is dropped as a duplicate. The audit records are sealed into the checkpoint before they
+are appended, so a crash between the two is repaired on restart.
 Committing a batch at a time costs one checkpoint and one audit fsync per batch instead of per update. A batch
 holding a new version is committed at the end of the poll that made it (the sites are waiting for the model);
 updates that only filled the buffer gather while more keep arriving, up to half the prefetch (so the broker keeps
