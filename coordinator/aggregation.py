@@ -16,7 +16,9 @@ Algorithms, as published:
   ``example_weighted`` weights each delta by its site's example count too, ``sum(n_i s_i delta_i) / sum(n_i)``.
 - Synchronous FedAvg: one update per registered site per round, example-weighted, with a round timeout.
 
-Tensors are never edited in place: inputs may be read-only views of a message body. Arithmetic runs in
+Tensors handed in or out are never edited in place: inputs may be read-only views of a message body, and the
+checkpoint skips tensors it has written before. The one exception is FedBuff's running sum, which only FedBuff
+sees (it hands out copies) and which it adds each update into in place. Arithmetic runs in
 float32 (float64 when the parameter is float64, or is an integer buffer such as BatchNorm's
 ``num_batches_tracked``) and results keep each global parameter's dtype.
 
@@ -98,6 +100,15 @@ def add_scaled(base: Mapping[str, torch.Tensor], direction: Mapping[str, torch.T
         value = torch.add(tensor.detach().to(dtype), direction[name].detach().to(dtype), alpha=scale)
         result[name] = _cast_like(value, tensor.dtype)
     return result
+
+
+def accumulate_scaled(accumulator: Params, direction: Mapping[str, torch.Tensor], scale: float) -> None:
+    """``accumulator += scale * direction``, in place: only for a running sum its strategy owns and hands out
+    as copies (``state_dict``), so no checkpoint or caller ever sees it change. Same result as ``add_scaled``
+    into the accumulator's (compute) dtypes, without allocating a new model's worth of memory per update."""
+    _check_compatible(accumulator, direction, "direction")
+    for name, tensor in accumulator.items():
+        tensor.add_(direction[name].detach().to(tensor.dtype), alpha=scale)
 
 
 def interpolate(start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor], weight: float) -> Params:
@@ -409,7 +420,7 @@ class Strategy(ABC):
     def state_dict(self) -> dict[str, Any]:
         """Buffer and optimiser state for the checkpoint: tensors, numbers, strings, lists and dicts only.
 
-        Tensors are shared, not copied: no strategy edits a tensor in place, so the checkpoint store can skip
+        Tensors are shared, not copied, unless the strategy edits them in place: the checkpoint store skips
         rewriting a tensor it has already written (the optimiser moments between buffer flushes, say)."""
         return {"strategy": self.name}
 
@@ -510,18 +521,18 @@ class FedBuff(Strategy):
         ``sum / K`` (``sum / sum(n)``) and empty the buffer."""
         self._require_accepted(contribution, version)
         _check_compatible(global_params, contribution.delta, "delta")
-        accumulator = self._weighted_delta_sum or _zeros_for(global_params)
-        _check_compatible(accumulator, contribution.delta, "delta")
+        if not self._weighted_delta_sum:
+            self._weighted_delta_sum = _zeros_for(global_params)
         examples = contribution.num_examples if self.example_weighted else 0
         weight = self.staleness(contribution.staleness) * (examples if self.example_weighted else 1)
-        weighted_sum = add_scaled(accumulator, contribution.delta, weight)
-        buffered_examples = self._buffered_examples + examples
+        accumulate_scaled(self._weighted_delta_sum, contribution.delta, weight)
+        self._buffered_examples += examples
         if len(self._update_ids) + 1 < self.buffer_size:
-            self._weighted_delta_sum, self._buffered_examples = weighted_sum, buffered_examples
             self._update_ids.append(contribution.update_id)
             self._site_ids.append(contribution.site_id)
             return None
-        normaliser = buffered_examples if self.example_weighted else len(self._update_ids) + 1
+        normaliser = self._buffered_examples if self.example_weighted else len(self._update_ids) + 1
+        weighted_sum = self._weighted_delta_sum
         pseudo_gradient = add_scaled(_zeros_for(weighted_sum), weighted_sum, 1.0 / normaliser)
         new_params = self.server_optimizer.step(global_params, pseudo_gradient)
         self._weighted_delta_sum, self._buffered_examples, self._update_ids, self._site_ids = {}, 0, [], []
@@ -532,11 +543,12 @@ class FedBuff(Strategy):
         return list(self._update_ids)
 
     def state_dict(self) -> dict[str, Any]:
-        """The weighted sum (not the deltas: K times smaller), who is in the buffer, and the optimiser."""
+        """The weighted sum (not the deltas: K times smaller; a copy, as the live one is summed into in place),
+        who is in the buffer, and the optimiser."""
         return {
             "strategy": self.name,
             "example_weighted": self.example_weighted,
-            "weighted_delta_sum": dict(self._weighted_delta_sum),
+            "weighted_delta_sum": {name: tensor.clone() for name, tensor in self._weighted_delta_sum.items()},
             "buffered_examples": self._buffered_examples,
             "update_ids": list(self._update_ids),
             "site_ids": list(self._site_ids),

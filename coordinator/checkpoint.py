@@ -2,7 +2,7 @@
 
 A checkpoint is any nested structure of dicts, lists, numbers, strings and tensors. Tensors are stored as raw
 bytes under ``tensors/`` and referenced from the manifest by file and offset; a tensor object that was already
-written (the same Python object: the federation logic never edits a tensor in place) is not written again, so
+written (the same Python object: a tensor handed to a checkpoint is never edited in place) is not written again, so
 checkpointing after every update costs one write of what changed (the FedBuff buffer, or the new model), not of
 the whole history. All tensors new in one save go into one file, so a save costs one data fsync however many
 tensors the model has.

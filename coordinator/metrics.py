@@ -6,6 +6,7 @@
 | fedmq_updates_received_total | counter | site | updates taken off the queue |
 | fedmq_updates_applied_total | counter | site | updates accepted (applied or buffered) |
 | fedmq_updates_rejected_total | counter | site, reason | updates refused, by reason |
+| fedmq_updates_redelivered_total | counter | site | redelivered after a restart, already held: acked only |
 | fedmq_update_staleness | histogram | site | staleness (versions) of accepted updates |
 | fedmq_max_staleness | gauge | | the configured staleness bound |
 | fedmq_aggregation_seconds | histogram | | time to validate and apply one update |
@@ -47,6 +48,12 @@ class CoordinatorMetrics:
         )
         self.updates_rejected = Counter(
             "fedmq_updates_rejected", "Updates refused, by reason", ["site", "reason"], registry=registry
+        )
+        self.updates_redelivered = Counter(
+            "fedmq_updates_redelivered",
+            "Updates the broker redelivered after a restart that the checkpoint already held (acked, not reapplied)",
+            ["site"],
+            registry=registry,
         )
         self.staleness = Histogram(
             "fedmq_update_staleness",

@@ -47,6 +47,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.model_files import write_safetensors
 from coordinator.validation import (
     DuplicateFilter,
+    Reason,
     Rejection,
     ValidUpdate,
     site_from_routing_key,
@@ -330,8 +331,47 @@ class Coordinator:
                     self._show_site(label)
                 return self._accept(delivery, digest, checked, contribution, started, now)
             checked = Rejection(refusal, f"refused by {self.strategy.name}: {refusal}", label, checked.update)
+        elif self._redelivered_after_restart(delivery, checked):
+            self._acknowledge_redelivery(delivery, digest, checked, now)
+            return Outcome()
         self._reject(delivery, digest, checked, now)
         return Outcome(rejection=checked)
+
+    def _redelivered_after_restart(self, delivery: Delivery, rejection: Rejection) -> bool:
+        """The broker (not the site) sent an update again that this run already applied: its ack was lost when
+        the connection or the process died after the commit. The site did nothing wrong."""
+        update = rejection.update
+        return (
+            delivery.redelivered
+            and rejection.reason == Reason.DUPLICATE
+            and update is not None
+            and self.duplicates.applied(update.update_id)
+        )
+
+    def _acknowledge_redelivery(
+        self, delivery: Delivery, digest: Future[str], rejection: Rejection, now: float
+    ) -> None:
+        """Ack with the next commit and note it in the audit log; no dead letter, no rejection counted."""
+        update = rejection.update
+        assert update is not None
+        self.metrics.updates_redelivered.labels(site=rejection.site_id).inc()
+        self._update_record(
+            delivery,
+            digest,
+            update.update_id,
+            update.seq,
+            update.base_version,
+            self.state.version - update.base_version,
+            None,
+            "already-applied",
+            "",
+            None,
+            now,
+            detail="redelivered by the broker after a restart; applied before",
+        )
+        log.info(
+            "update %s from %s redelivered after a restart: already applied, acked", update.update_id, rejection.site_id
+        )
 
     def _as_model_dtypes(self, delta: Mapping[str, torch.Tensor]) -> Params:
         return {

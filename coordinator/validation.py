@@ -53,6 +53,10 @@ class DuplicateFilter:
         self.recent_ids: OrderedDict[str, None] = OrderedDict()
         self.last_seq: dict[str, int] = {}
 
+    def applied(self, update_id: str) -> bool:
+        """This very update was applied (as opposed to a new one reusing a seq)."""
+        return update_id in self.recent_ids
+
     def is_duplicate(self, update: ModelUpdate) -> str | None:
         if update.update_id in self.recent_ids:
             return f"update {update.update_id} was already applied"

@@ -792,11 +792,15 @@ def test_a_crash_between_checkpoint_and_audit_append_is_repaired_on_restart(
     accepted = [record for record in records if record["update_id"] == updates[1].update_id]
     assert [(record["outcome"], record["reason"]) for record in accepted] == [
         ("accepted", ""),
-        ("rejected", "duplicate"),
+        ("already-applied", ""),
     ]
     assert accepted[1]["redelivered"] is True
     assert second.coordinator.strategy.buffered_update_ids() == [update.update_id for update in updates]
     assert not broker.queues[Queue.COORDINATOR_UPDATES.value].messages
+    # not the site's doing: acked and counted apart, neither a rejection nor a dead letter
+    assert rejection_counts(second.registry) == {}
+    assert second.registry.get_sample_value("fedmq_updates_redelivered_total", {"site": updates[1].site_id}) == 1
+    assert not broker.queues[Queue.DEAD_LETTERS.value].messages
 
 
 def test_updates_arriving_while_the_run_is_finishing_stay_in_the_queue(tmp_path: Path) -> None:
