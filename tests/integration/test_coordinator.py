@@ -132,6 +132,12 @@ max_message_mb = 0.01
             30,
             "a good update after the rejections was not applied",
         )
+        # ... and committed: a buffered update is audited once its batch is (at most about half a second later)
+        wait_for(
+            lambda: sum(1 for r in coordinator.audit_records() if r["outcome"] == "accepted") >= 7,
+            30,
+            "the last good update was never committed",
+        )
 
         # Assert: counts, audit reasons, dead letters with the reason header, model untouched by rejections.
         counts = rejected(coordinator)
