@@ -61,6 +61,7 @@ from schemas import (
     GlobalModel,
     Heartbeat,
     ModelFingerprint,
+    ModelUpdate,
     SchemaError,
 )
 
@@ -358,15 +359,10 @@ class Coordinator:
         self._update_record(
             delivery,
             digest,
-            update.update_id,
-            update.seq,
-            update.base_version,
+            update,
             self.state.version - update.base_version,
-            None,
-            "already-applied",
-            "",
-            None,
-            now,
+            outcome="already-applied",
+            now=now,
             detail="redelivered by the broker after a restart; applied before",
         )
         log.info(
@@ -397,15 +393,12 @@ class Coordinator:
         self._update_record(
             delivery,
             digest,
-            update.update_id,
-            update.seq,
-            update.base_version,
+            update,
             checked.staleness,
-            checked.norm,
-            "accepted",
-            "",
-            new_version,
-            now,
+            outcome="accepted",
+            now=now,
+            norm=checked.norm,
+            new_version=new_version,
         )
         self._pending.state_changed = True
         self._pending.new_version = self._pending.new_version or new_version is not None
@@ -444,28 +437,28 @@ class Coordinator:
         self,
         delivery: Delivery,
         digest: Future[str],
-        update_id: str | None,
-        seq: int | None,
-        base_version: int | None,
+        update: ModelUpdate | None,
         staleness: int | None,
-        norm: float | None,
+        *,
         outcome: str,
-        reason: str,
-        new_version: int | None,
         now: float,
-        site: str | None = None,
+        norm: float | None = None,
+        reason: str = "",
+        new_version: int | None = None,
         detail: str = "",
-    ) -> dict[str, Any]:
+    ) -> None:
+        """Seal the audit record of one received update (``update`` is None when it did not decode) into the
+        batch being committed."""
         pending = self._pending.records
         record = self.audit.seal(
             {
                 "kind": "update",
                 "time": now,
-                "site": site or site_from_routing_key(delivery.routing_key),
+                "site": site_from_routing_key(delivery.routing_key),
                 "user_id": delivery.user_id,
-                "update_id": update_id,
-                "seq": seq,
-                "base_version": base_version,
+                "update_id": update.update_id if update else None,
+                "seq": update.seq if update else None,
+                "base_version": update.base_version if update else None,
                 "staleness": staleness,
                 "norm": norm,
                 "sha256": digest.result(),
@@ -480,7 +473,6 @@ class Coordinator:
             after=pending[-1] if pending else None,
         )
         pending.append(record)
-        return record
 
     def _reject(self, delivery: Delivery, digest: Future[str], rejection: Rejection, now: float) -> None:
         update = rejection.update
@@ -489,15 +481,11 @@ class Coordinator:
         self._update_record(
             delivery,
             digest,
-            update.update_id if update else None,
-            update.seq if update else None,
-            update.base_version if update else None,
+            update,
             self.state.version - update.base_version if update else None,
-            None,
-            "rejected",
-            reason,
-            None,
-            now,
+            outcome="rejected",
+            now=now,
+            reason=reason,
             detail=rejection.detail,
         )
         headers = {
