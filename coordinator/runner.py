@@ -105,5 +105,5 @@ def run(coordinator: Coordinator, stop: threading.Event) -> None:
         coordinator.commit()  # a batch still gathering: ack what is handled rather than have it redelivered
 
     run_reconnecting(settings, session, should_stop=lambda: stop.is_set() or coordinator.finished)
-    coordinator.close()
+    coordinator.audit.close()
     log.info("coordinator closed cleanly at model v%d", coordinator.state.version)

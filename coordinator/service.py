@@ -13,10 +13,7 @@ are appended, so a crash between the two is repaired on restart.
 Committing a batch at a time costs one checkpoint and one audit fsync per batch instead of per update. A batch
 holding a new version is committed at the end of the poll that made it (the sites are waiting for the model);
 updates that only filled the buffer gather while more keep arriving, up to half the prefetch (so the broker keeps
-sending the other half meanwhile) or ``COMMIT_MAX_DELAY_SECONDS``. The checkpoint and audit writes of a batch
-that only filled the buffer run on a writer thread while the next batch is handled, and the batch is acked (on
-the I/O thread) once they are done; a batch with a new version is waited for, then its model published. At most
-one batch is being written at a time.
+sending the other half meanwhile) or ``COMMIT_MAX_DELAY_SECONDS``.
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -99,15 +96,6 @@ class PendingCommit:
 
 
 @dataclass(frozen=True)
-class Write:
-    """A committed batch whose checkpoint and audit records the writer thread is making durable."""
-
-    batch: PendingCommit
-    done: Future[None]
-    model: GlobalModel | None  # the version to publish once durable
-
-
-@dataclass(frozen=True)
 class Outcome:
     """What handling one update led to: a rejection, a buffered update, or a new version."""
 
@@ -148,8 +136,6 @@ class Coordinator:
         self.transport: Transport | None = None
         self._pending = PendingCommit()
         self._commit_batch = max(1, config.update_prefetch // 2)
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmq-commit")
-        self._writing: Write | None = None
         self.finishing_since: float | None = None
         self.finished = False
         self.stop_reason = ""
@@ -194,26 +180,21 @@ class Coordinator:
         )
         return True
 
-    def _checkpoint_state(self, pending_audit: list[dict[str, Any]]) -> dict[str, Any]:
-        """What a checkpoint holds, as of now: the tensors in it are never edited in place afterwards."""
-        return {
-            "version": self.state.version,
-            "params": self.state.params,
-            "history": {str(version): params for version, params in self.state.history.items()},
-            "started_at": self.state.started_at,
-            "accepted_total": self.state.accepted_total,
-            "strategy": self.strategy.state_dict(),
-            "duplicates": self.duplicates.state_dict(),
-            "pending_audit": pending_audit,
-        }
-
-    def _write(self, state: dict[str, Any] | None, records: list[dict[str, Any]]) -> None:
-        """On the writer thread: the checkpoint, then the audit records it holds."""
-        if state is not None:
-            started = time.perf_counter()
-            self.checkpoints.save(state)
-            self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
-        self.audit.append_sealed_batch(records)
+    def _checkpoint(self, pending_audit: list[dict[str, Any]]) -> None:
+        started = time.perf_counter()
+        self.checkpoints.save(
+            {
+                "version": self.state.version,
+                "params": self.state.params,
+                "history": {str(version): params for version, params in self.state.history.items()},
+                "started_at": self.state.started_at,
+                "accepted_total": self.state.accepted_total,
+                "strategy": self.strategy.state_dict(),
+                "duplicates": self.duplicates.state_dict(),
+                "pending_audit": pending_audit,
+            }
+        )
+        self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
 
     def _record_history(self) -> None:
         """FedAsync mixes ``base + delta``, so keep the versions an update may still be based on."""
@@ -229,9 +210,7 @@ class Coordinator:
         """Start consuming and (re)publish the current model: after a crash, sites may have missed it."""
         self.transport = transport
         # Deliveries handled on a connection that died cannot be acked any more (the broker redelivers them and
-        # they are acked as already applied); what they changed is still made durable here.
-        if self._writing is not None:
-            self._writing.batch.deliveries.clear()
+        # they are dropped as duplicates); what they changed is still made durable here.
         self._pending.deliveries.clear()
         self.commit()
         transport.consume(Queue.COORDINATOR_UPDATES.value, self.on_update, prefetch=self.config.update_prefetch)
@@ -252,16 +231,18 @@ class Coordinator:
             created_at=self.clock(),
         )
 
-    def publish_model(self, model: GlobalModel | None = None) -> None:
-        """The current model, or ``model``. Transient: the checkpoint is the model's durable copy, and ``attach``
-        publishes it again on every (re)connection, so the broker need not write each version to disk."""
-        model = model or self.current_model()
+    def publish_model(self) -> None:
+        """Transient: the checkpoint is the model's durable copy, and ``attach`` publishes it again on every
+        (re)connection, so the broker need not write each version of the whole model to disk."""
         try:
             self._transport().publish(
-                Exchange.MODELS.value, routing_key(BROADCAST_SITE, Kind.MODEL), model.encode(), persistent=False
+                Exchange.MODELS.value,
+                routing_key(BROADCAST_SITE, Kind.MODEL),
+                self.current_model().encode(),
+                persistent=False,
             )
         except PublishRefused as exc:
-            log.warning("model v%d reached no site inbox (%s)", model.version, exc)
+            log.warning("model v%d reached no site inbox (%s)", self.state.version, exc)
 
     def publish_control(self, command: ControlCommand, reason: str) -> None:
         try:
@@ -278,7 +259,6 @@ class Coordinator:
         """The broker callback: hand the delivery to ``process_update``; ``commit`` acks it once it is durable."""
         if self.finishing_since is not None:
             return  # left unacked: it returns to the queue when this run closes
-        self._finish_write(block=False)
         self.process_update(delivery)
         # Only the tag is needed to ack; a rejected body waits in ``dead_letters``. Dropping it here keeps a batch
         # of large updates from holding their bodies until the commit.
@@ -286,7 +266,7 @@ class Coordinator:
         if self._pending.opened_at is None:
             self._pending.opened_at = self.monotonic()
         if len(self._pending.deliveries) >= self._commit_batch:
-            self.commit(wait=False)
+            self.commit()
 
     def _commit_due(self) -> bool:
         """At the end of a poll: commit a new version now; otherwise only once the updates stop coming (a poll
@@ -297,50 +277,26 @@ class Coordinator:
         waited = self.monotonic() - pending.opened_at if pending.opened_at is not None else 0.0
         return pending.new_version or arrived == 0 or waited >= COMMIT_MAX_DELAY_SECONDS
 
-    def commit(self, *, wait: bool = True) -> None:
+    def commit(self) -> None:
         """Make what the handled updates changed durable, then ack them and publish: one checkpoint and one
-        audit fsync for the whole batch. With ``wait=False`` the writes run on the writer thread and the acks
-        follow once they are done (``settle``, or the next ``tick``, ``on_update`` or commit); a batch holding a
-        new version is always waited for, as the sites are waiting for its model."""
-        self._finish_write(block=True)
+        audit fsync for the whole batch."""
         pending, self._pending = self._pending, PendingCommit()
-        if pending.deliveries or pending.records or pending.state_changed:
-            state = self._checkpoint_state(pending.records) if pending.state_changed else None
-            model = self.current_model() if pending.new_version else None
-            self._writing = Write(pending, self._writer.submit(self._write, state, pending.records), model)
-        if wait or pending.new_version:
-            self._finish_write(block=True)
-
-    def settle(self) -> None:
-        """Wait for the batch being written, then ack it and publish its model."""
-        self._finish_write(block=True)
-
-    def _finish_write(self, *, block: bool) -> None:
-        writing = self._writing
-        if writing is None or (not block and not writing.done.done()):
+        if not pending.deliveries and not pending.records:
             return
-        self._writing = None
-        writing.done.result()  # a failed write raises here: nothing of the batch is acked
-        batch = writing.batch
-        for delivery, headers in batch.dead_letters:
+        if pending.state_changed:
+            self._checkpoint(pending.records)
+        self.audit.append_sealed_batch(pending.records)
+        for delivery, headers in pending.dead_letters:
             try:
                 self._transport().publish(
                     Exchange.DEAD_LETTERS.value, delivery.routing_key, delivery.body, headers=headers
                 )
             except PublishRefused as exc:
                 log.error("could not dead-letter a rejected update: %s", exc)
-        for delivery in batch.deliveries:
+        for delivery in pending.deliveries:
             self._transport().ack(delivery)
-        if writing.model is not None:
-            self.publish_model(writing.model)
-
-    def close(self) -> None:
-        """Finish the batch being written (without acking: the connection may be gone) and close the files."""
-        if self._writing is not None:
-            self._writing.done.result()
-            self._writing = None
-        self._writer.shutdown(wait=True)
-        self.audit.close()
+        if pending.new_version:
+            self.publish_model()
 
     def process_update(self, delivery: Delivery) -> Outcome:
         started = time.perf_counter()
@@ -494,9 +450,6 @@ class Coordinator:
         """Seal the audit record of one received update (``update`` is None when it did not decode) into the
         batch being committed."""
         pending = self._pending.records
-        # chained after the last sealed record: in this batch, or in the one being written
-        writing = self._writing.batch.records if self._writing is not None else []
-        last = pending[-1] if pending else (writing[-1] if writing else None)
         record = self.audit.seal(
             {
                 "kind": "update",
@@ -517,7 +470,7 @@ class Coordinator:
                 "resulting_version": new_version,
                 "redelivered": delivery.redelivered,
             },
-            after=last,
+            after=pending[-1] if pending else None,
         )
         pending.append(record)
 
@@ -606,11 +559,9 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------------------------- timers
     def tick(self) -> None:
-        """Called between polls: ack what is written, commit when due, then liveness, round timeouts, the
-        stopping rule."""
-        self._finish_write(block=False)
+        """Called between polls: commit when due, then liveness, round timeouts, the stopping rule."""
         if self._commit_due():
-            self.commit(wait=False)
+            self.commit()
         now = self.clock()
         for site in self.liveness.sweep(now):
             log.warning("site %s is down: silent for more than %.0f s", site, self.liveness.timeout_seconds)
@@ -621,10 +572,10 @@ class Coordinator:
         new_params = self.strategy.flush(self.state.params, self.state.version, self.monotonic())
         if new_params is not None:
             new_version = self._advance(new_params, now)
-            self._pending.state_changed = self._pending.new_version = True
-            self.commit()  # with the batch still gathering, whose updates the new version holds
+            self._checkpoint([])
             self._update_buffer_gauges()
             log.info("round timed out: model v%d from the updates at hand", new_version)
+            self.publish_model()
         self._check_stopping_rule()
 
     def _check_stopping_rule(self) -> None:
@@ -653,7 +604,6 @@ class Coordinator:
         assert self.finishing_since is not None
         if self.finished:
             return  # a tick after the end must not send a second stop or rewrite the results
-        self.settle()  # the final version is durable and published before the stop
         final = self.evaluations.for_version(self.state.version)
         reported = set(final.sites) if final else set()
         waited = self.monotonic() - self.finishing_since

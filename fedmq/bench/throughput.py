@@ -247,7 +247,7 @@ def _measure_split(num_parameters: int, *, threads: int, cycles: int, buffer_siz
         samples["sha256"].append(_timed(body_digest, body)[0])
         samples["total"].append(_timed(handle_one, delivery)[0])
         samples["packed"].append(_timed(_packed_checkpoint, work_dir, model_bytes)[0])
-    coordinator.close()
+    coordinator.audit.close()
     checkpoints = (registry.get_sample_value("fedmq_checkpoint_seconds_count") or 0.0) - checkpoint_count
     checkpoint_seconds = (registry.get_sample_value("fedmq_checkpoint_seconds_sum") or 0.0) - checkpoint_sum
     decode = statistics.median(samples["decode"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -831,11 +830,9 @@ def arrive(federation: Federation, site: str) -> None:
 
 
 def poll_and_tick(federation: Federation) -> None:
-    """One turn of the service loop: deliver what is there, then the between-polls work; then wait for the
-    writer thread, so that what a commit does next (acks, the model) has happened."""
+    """One turn of the service loop: deliver what is there, then the between-polls work."""
     federation.transport.poll(0)
     federation.coordinator.tick()
-    federation.coordinator.settle()
 
 
 def test_buffered_updates_gather_until_a_poll_brings_no_more(tmp_path: Path) -> None:
@@ -866,7 +863,6 @@ def test_a_batch_of_half_the_prefetch_is_committed_inside_the_poll(tmp_path: Pat
 
     # Execute: deliver only, no tick
     federation.transport.poll(0)
-    federation.coordinator.settle()
 
     # Assert: the fourth update closed the batch, so the broker may already send the next ones
     assert len(federation.transport.unacked) == 0
@@ -905,37 +901,3 @@ def test_a_batch_that_keeps_growing_is_committed_after_the_maximum_delay(tmp_pat
     assert held == 1
     assert len(federation.transport.unacked) == 0
     assert len(federation.audit()) == 2
-
-
-def test_the_next_batch_is_handled_while_one_is_written_and_acks_wait_for_the_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Prepare: the writer thread's checkpoint blocks until released; prefetch 8 commits at 4
-    federation = start_federation(tmp_path, fedbuff(buffer_size=10), update_prefetch=8)
-    release = threading.Event()
-    save = federation.coordinator.checkpoints.save
-
-    def slow_save(state: dict[str, Any]) -> None:
-        assert release.wait(10), "the test never released the write"
-        save(state)
-
-    monkeypatch.setattr(federation.coordinator.checkpoints, "save", slow_save)
-    for site in ("a", "b", "c", "a"):
-        arrive(federation, site)
-    federation.transport.poll(0)  # the fourth update hands the batch to the writer
-
-    # Execute: two more updates are handled while the first batch is still being written
-    arrive(federation, "b")
-    arrive(federation, "c")
-    federation.transport.poll(0)
-    while_writing = (len(federation.transport.unacked), len(federation.audit()))
-    release.set()
-    federation.coordinator.commit()
-
-    # Assert: nothing acked or audited before the write; afterwards all six, in one unbroken chain
-    assert while_writing == (6, 0)
-    assert len(federation.transport.unacked) == 0
-    assert verify_chain(tmp_path / "audit.jsonl").ok
-    assert [record["outcome"] for record in federation.audit()] == ["accepted"] * 6
-    checkpoint = federation.coordinator.checkpoints.load()
-    assert checkpoint is not None and len(checkpoint["strategy"]["update_ids"]) == 6
