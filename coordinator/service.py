@@ -281,7 +281,7 @@ class Coordinator:
         """Make what the handled updates changed durable, then ack them and publish: one checkpoint and one
         audit fsync for the whole batch."""
         pending, self._pending = self._pending, PendingCommit()
-        if not pending.deliveries and not pending.records:
+        if not (pending.deliveries or pending.records or pending.state_changed):
             return
         if pending.state_changed:
             self._checkpoint(pending.records)
@@ -572,10 +572,10 @@ class Coordinator:
         new_params = self.strategy.flush(self.state.params, self.state.version, self.monotonic())
         if new_params is not None:
             new_version = self._advance(new_params, now)
-            self._checkpoint([])
+            self._pending.state_changed = self._pending.new_version = True
+            self.commit()  # together with the batch still gathering: the new version holds its updates
             self._update_buffer_gauges()
             log.info("round timed out: model v%d from the updates at hand", new_version)
-            self.publish_model()
         self._check_stopping_rule()
 
     def _check_stopping_rule(self) -> None:

@@ -146,6 +146,12 @@ max_message_mb = 0.01
         records = coordinator.audit_records()
         audited = Counter(r["reason"] for r in records if r["outcome"] == "rejected")
         assert audited["identity-mismatch"] == 2 and {reason for _, reason in expected} <= set(audited)
+        # dead letters go out in the same commit, just after the batch's audit records
+        wait_for(
+            lambda: broker_env.message_count(Queue.DEAD_LETTERS.value) >= sum(audited.values()),
+            30,
+            "not every audited rejection was dead-lettered",
+        )
         assert broker_env.message_count(Queue.DEAD_LETTERS.value) == sum(audited.values())
         assert coordinator.metrics()["fedmq_model_version"][()] == 3
         assert sum(1 for r in records if r["outcome"] == "accepted") == 7

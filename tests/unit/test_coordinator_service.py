@@ -901,3 +901,21 @@ def test_a_batch_that_keeps_growing_is_committed_after_the_maximum_delay(tmp_pat
     assert held == 1
     assert len(federation.transport.unacked) == 0
     assert len(federation.audit()) == 2
+
+
+def test_a_round_that_times_out_while_its_batch_gathers_commits_them_together(tmp_path: Path) -> None:
+    # Prepare: sync FedAvg over a, b, c with a 60 s round; the round's clock starts at the first tick
+    federation = start_federation(tmp_path, sync_fedavg(), max_staleness=0, update_prefetch=8)
+    poll_and_tick(federation)
+    federation.clock.advance(61.0)
+
+    # Execute: a's update arrives in the poll whose tick times the round out
+    arrive(federation, "a")
+    poll_and_tick(federation)
+
+    # Assert: the version made from a's update is durable together with a's audit record and a's ack
+    checkpoint = federation.coordinator.checkpoints.load()
+    assert checkpoint is not None and checkpoint["version"] == 1
+    assert [(record["outcome"], record["resulting_version"]) for record in federation.audit()] == [("accepted", None)]
+    assert len(federation.transport.unacked) == 0
+    assert federation.inbox("b").version == 1
