@@ -31,7 +31,7 @@ Only ``load_config`` touches a file; everything else receives a ``CoordinatorCon
 
     [stopping]
     max_versions = 60
-    max_seconds = 0                  # 0: no wall-clock budget
+    max_seconds = 0                  # 0: no wall-clock budget; counted from the run's first start, across restarts
     target_metric = ""               # e.g. "accuracy"
     target_value = 0.0
     target_aggregate = "pooled"      # or "mean"

@@ -132,14 +132,15 @@ class Coordinator:
         self.liveness.register(self.known_sites)
         self.duplicates = DuplicateFilter(config.validation.remembered_update_ids)
         self.limits = DecodeLimits(max_message_bytes=int(config.validation.max_message_mb * 1024 * 1024))
-        self.state = RunState(version=0, params={name: tensor.clone() for name, tensor in initial_params.items()})
+        self.state = RunState(
+            version=0, params={name: tensor.clone() for name, tensor in initial_params.items()}, started_at=clock()
+        )
         self.transport: Transport | None = None
         self._pending = PendingCommit()
         self._commit_batch = max(1, config.update_prefetch // 2)
         self.finishing_since: float | None = None
         self.finished = False
         self.stop_reason = ""
-        self._run_started = monotonic()
         self._keeps_history = isinstance(strategy, FedAsync)
         if hasattr(strategy, "set_sites"):
             strategy.set_sites(self.known_sites)
@@ -585,7 +586,8 @@ class Coordinator:
         reason = ""
         if rule.max_versions and self.state.version >= rule.max_versions:
             reason = f"reached {self.state.version} versions"
-        elif rule.max_seconds and self.monotonic() - self._run_started >= rule.max_seconds:
+        elif rule.max_seconds and self.clock() - self.state.started_at >= rule.max_seconds:
+            # from the run's first start (in the checkpoint), so a restart does not grant a fresh budget
             reason = f"wall-clock budget of {rule.max_seconds:.0f} s spent"
         elif rule.target_metric:
             latest = self.evaluations.for_version(self.state.version)
@@ -621,7 +623,7 @@ class Coordinator:
             "strategy": self.strategy.name,
             "versions": self.state.version,
             "updates_accepted": self.state.accepted_total,
-            "seconds": time.time() - self.state.started_at,
+            "seconds": self.clock() - self.state.started_at,
             "stop_reason": self.stop_reason,
             "final_evaluation": None
             if final is None

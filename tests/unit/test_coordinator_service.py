@@ -162,10 +162,11 @@ def start_federation(
     max_staleness: int = 20,
     validation: ValidationSettings | None = None,
     params: Params | None = None,
+    clock: FakeClock | None = None,
     **config_overrides: Any,
 ) -> Federation:
     """A fresh run of a two-parameter model (w = [1, 2], b = [0.5]) with sites a, b and c declared."""
-    clock = FakeClock()
+    clock = clock or FakeClock()
     config = CoordinatorConfig(
         task="tiny",
         sites=SITES,

@@ -15,7 +15,7 @@ from coordinator.evaluation import EvaluationBook, aggregate_reports
 from coordinator.model_files import write_safetensors
 from schemas import Control, ControlCommand, EvalReport, Heartbeat, SiteState
 from schemas.tensors import DTYPES
-from tests.unit.test_coordinator_service import SITES, Federation, fedbuff, start_federation
+from tests.unit.test_coordinator_service import SITES, FakeClock, Federation, fedbuff, start_federation
 
 
 def send_status(federation: Federation, site: str, kind: Kind, body: bytes, *, user_id: str | None = None) -> None:
@@ -325,3 +325,26 @@ def test_final_model_file_reads_back_bit_exact(tmp_path: Path) -> None:
     for name, tensor in tensors.items():
         assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape
         assert torch.equal(loaded[name], tensor)
+
+
+def test_the_wall_clock_budget_counts_from_the_runs_first_start_across_a_restart(tmp_path: Path) -> None:
+    # Prepare: 60 s into a run with a 100 s budget, an update is checkpointed, then the process dies
+    stopping = StoppingSettings(max_seconds=100)
+    first = start_federation(tmp_path, fedbuff(buffer_size=10), stopping=stopping)
+    first.clock.advance(60)
+    first.send_good("a")
+    first.coordinator.audit.close()
+
+    # Execute: a new process starts at the same moment of the wall clock and resumes
+    second = start_federation(tmp_path, fedbuff(buffer_size=10), stopping=stopping, clock=FakeClock(first.clock()))
+    assert second.coordinator.restore()
+    second.clock.advance(39)
+    second.coordinator.tick()
+    still_running = not second.coordinator.finished
+    second.clock.advance(1)
+    second.coordinator.tick()
+    second.coordinator.tick()
+
+    # Assert: 40 s after the restart, not 100
+    assert still_running
+    assert_run_stopped(second, "wall-clock budget of 100 s")
