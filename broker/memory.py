@@ -86,8 +86,9 @@ class MemoryTransport(Transport):
         user_id: str | None = None,
         message_id: str | None = None,
         persistent: bool = True,
+        wait: bool = True,
     ) -> None:
-        # ``persistent`` changes nothing here: this broker never restarts.
+        # ``persistent`` changes nothing here (this broker never restarts), nor ``wait`` (it routes at once).
         if self.closed:
             raise TransportClosed("transport is closed")
         if user_id is not None and user_id != self.login:

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pika
+import pika.channel
 import pika.exceptions
+import pika.frame
 from pika.adapters.blocking_connection import BlockingChannel
 from tenacity import (
     Retrying,
@@ -111,6 +113,7 @@ class PikaTransport(Transport):
         self._connection = connection
         self._consume_channel: BlockingChannel | None = None
         self._publish_channel: BlockingChannel | None = None
+        self._background_channel: pika.channel.Channel | None = None
         self._closed = False
 
     @classmethod
@@ -133,6 +136,18 @@ class PikaTransport(Transport):
             self._publish_channel.confirm_delivery()
         return self._publish_channel
 
+    def _background_publisher(self) -> pika.channel.Channel:
+        """A confirming channel that does not wait: the callback-style channel under a blocking one, whose
+        confirms and returns arrive as callbacks while the connection is polled."""
+        if self._closed:
+            raise TransportClosed("transport is closed")
+        if self._background_channel is None or not self._background_channel.is_open:
+            channel = self._connection.channel()._impl
+            channel.confirm_delivery(_log_refusal)
+            channel.add_on_return_callback(_log_return)
+            self._background_channel = channel
+        return self._background_channel
+
     def _consumer(self) -> BlockingChannel:
         if self._closed:
             raise TransportClosed("transport is closed")
@@ -151,6 +166,7 @@ class PikaTransport(Transport):
         user_id: str | None = None,
         message_id: str | None = None,
         persistent: bool = True,
+        wait: bool = True,
     ) -> None:
         properties = pika.BasicProperties(
             delivery_mode=PERSISTENT if persistent else TRANSIENT,
@@ -159,6 +175,12 @@ class PikaTransport(Transport):
             message_id=message_id,
             content_type="application/msgpack",
         )
+        if not wait:
+            try:
+                self._background_publisher().basic_publish(exchange, routing_key, body, properties, mandatory=True)
+            except _CONNECTION_ERRORS as exc:
+                raise TransportConnectionError(f"connection lost while publishing: {exc!r}") from exc
+            return
         try:
             self._publisher().basic_publish(exchange, routing_key, body, properties, mandatory=True)
         except pika.exceptions.UnroutableError as exc:
@@ -228,6 +250,21 @@ class PikaTransport(Transport):
                 self._connection.close()
         except Exception as exc:  # closing a dead connection: nothing left to clean up
             log.debug("ignoring error while closing connection: %r", exc)
+
+
+def _log_refusal(frame: pika.frame.Method) -> None:
+    """A ``wait=False`` publish the broker nacked (it acks all the others)."""
+    if isinstance(frame.method, pika.spec.Basic.Nack):
+        log.warning(
+            "the broker refused a message published without waiting (delivery tag %s)", frame.method.delivery_tag
+        )
+
+
+def _log_return(
+    channel: pika.channel.Channel, method: pika.spec.Basic.Return, properties: pika.BasicProperties, body: bytes
+) -> None:
+    """A ``wait=False`` publish that no queue took."""
+    log.warning("message to %s/%s routed to no queue (%s)", method.exchange, method.routing_key, method.reply_text)
 
 
 ResultT = TypeVar("ResultT")

@@ -67,9 +67,12 @@ class Transport(ABC):
         user_id: str | None = None,
         message_id: str | None = None,
         persistent: bool = True,
+        wait: bool = True,
     ) -> None:
         """Publish and return once the broker confirmed it; raise PublishRefused otherwise. ``persistent=False``
-        for what the broker need not keep across its own restart (the publisher sends it again)."""
+        for what the broker need not keep across its own restart (the publisher sends it again).
+        ``wait=False`` returns once the message is handed to the connection: the broker's confirm, or its
+        refusal, arrives during a later ``poll`` and is logged. Only for messages a later one supersedes."""
 
     @abstractmethod
     def consume(self, queue: str, handler: Handler, *, prefetch: int = 1) -> None:

@@ -234,13 +234,16 @@ class Coordinator:
 
     def publish_model(self) -> None:
         """Transient: the checkpoint is the model's durable copy, and ``attach`` publishes it again on every
-        (re)connection, so the broker need not write each version of the whole model to disk."""
+        (re)connection, so the broker need not write each version of the whole model to disk. Not waited for:
+        the next version supersedes it, and a confirm of a large model costs a busy broker tens of ms; a refusal
+        is logged when it arrives."""
         try:
             self._transport().publish(
                 Exchange.MODELS.value,
                 routing_key(BROADCAST_SITE, Kind.MODEL),
                 self.current_model().encode(),
                 persistent=False,
+                wait=False,
             )
         except PublishRefused as exc:
             log.warning("model v%d reached no site inbox (%s)", self.state.version, exc)

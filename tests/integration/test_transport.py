@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -123,6 +124,27 @@ def test_bodies_across_frame_boundaries_arrive_byte_for_byte(
     # Assert
     assert [delivery.message_id for delivery in received] == [str(number) for number in range(len(bodies))]
     assert [delivery.body for delivery in received] == bodies
+
+
+def test_a_publish_without_waiting_arrives_and_a_refused_one_is_logged_not_raised(
+    broker_env: BrokerEnv, open_transports: Callable[[str], PikaTransport], caplog: pytest.LogCaptureFixture
+) -> None:
+    """How the coordinator publishes models: confirmed in the background, a refusal logged when it arrives."""
+    # Prepare
+    site = open_transports(broker_env.add_site(SITE).url)
+    coordinator = open_transports(broker_env.coordinator_url)
+
+    # Execute: a model for every inbox, and a message no queue is bound for
+    coordinator.publish(Exchange.MODELS.value, routing_key(BROADCAST_SITE, Kind.MODEL), b"model v1", wait=False)
+    coordinator.publish(Exchange.MODELS.value, "site.nobody.model", b"lost", wait=False)
+    with caplog.at_level(logging.WARNING, logger="broker.pika_transport"):
+        poll_until(coordinator, lambda: "routed to no queue" in caplog.text)
+    [model] = receive(site, site_inbox(SITE), ack=True)
+
+    # Assert: the routed one arrived; the unroutable one was reported; the transport still confirms publishes
+    assert model.body == b"model v1"
+    assert "fedmq.models/site.nobody.model" in caplog.text
+    coordinator.publish(Exchange.MODELS.value, routing_key(BROADCAST_SITE, Kind.MODEL), b"model v2")
 
 
 def test_unacked_delivery_comes_back_redelivered_after_close(

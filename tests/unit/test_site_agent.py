@@ -105,6 +105,7 @@ class DisconnectingTransport(MemoryTransport):
         user_id: str | None = None,
         message_id: str | None = None,
         persistent: bool = True,
+        wait: bool = True,
     ) -> None:
         if exchange == Exchange.UPDATES.value:
             self.lost_updates.append((bytes(body), message_id))
@@ -117,6 +118,7 @@ class DisconnectingTransport(MemoryTransport):
             user_id=user_id,
             message_id=message_id,
             persistent=persistent,
+            wait=wait,
         )
 
 
