@@ -1,8 +1,10 @@
 """The pika implementation of ``Transport``, and the reconnecting wrapper around whoever uses it.
 
-One BlockingConnection, owned by one thread, with two channels: one consumes, one publishes with publisher
-confirms. A refused publish closes only the publishing channel, which is reopened on the next publish, so a
-consumer keeps its deliveries. pika exceptions never leave this module: they become ``TransportError``s.
+One BlockingConnection, owned by one thread, with up to three channels: one consumes, one publishes with publisher
+confirms and waits for them, and one publishes with confirms it does not wait for (``wait=False``: they arrive
+while the connection is polled, and a refusal is logged). A refused publish closes only its publishing channel,
+which is reopened on the next publish, so a consumer keeps its deliveries. pika exceptions never leave this
+module: they become ``TransportError``s.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ class PikaTransport(Transport):
         self._connection = connection
         self._consume_channel: BlockingChannel | None = None
         self._publish_channel: BlockingChannel | None = None
-        self._background_channel: pika.channel.Channel | None = None
+        self._background_channel: BlockingChannel | None = None
         self._closed = False
 
     @classmethod
@@ -137,16 +139,15 @@ class PikaTransport(Transport):
         return self._publish_channel
 
     def _background_publisher(self) -> pika.channel.Channel:
-        """A confirming channel that does not wait: the callback-style channel under a blocking one, whose
-        confirms and returns arrive as callbacks while the connection is polled."""
+        """A confirming channel that does not wait: the callback-style channel pika keeps under a blocking one
+        (``_impl``), whose confirms and returns arrive as callbacks while the connection is polled."""
         if self._closed:
             raise TransportClosed("transport is closed")
         if self._background_channel is None or not self._background_channel.is_open:
-            channel = self._connection.channel()._impl
-            channel.confirm_delivery(_log_refusal)
-            channel.add_on_return_callback(_log_return)
-            self._background_channel = channel
-        return self._background_channel
+            self._background_channel = self._connection.channel()
+            self._background_channel._impl.confirm_delivery(_log_refusal)
+            self._background_channel._impl.add_on_return_callback(_log_return)
+        return self._background_channel._impl
 
     def _consumer(self) -> BlockingChannel:
         if self._closed:
