@@ -856,16 +856,20 @@ def test_buffered_updates_gather_until_a_poll_brings_no_more(tmp_path: Path) -> 
     assert checkpoint["strategy"]["update_ids"] == [record["update_id"] for record in federation.audit()]
 
 
-def test_a_batch_of_half_the_prefetch_is_committed_inside_the_poll(tmp_path: Path) -> None:
-    # Prepare
-    federation = start_federation(tmp_path, fedbuff(buffer_size=10), update_prefetch=8)
-    for site in ("a", "b", "c", "a"):
+def test_a_batch_that_fills_the_prefetch_window_is_committed_inside_the_poll(tmp_path: Path) -> None:
+    # Prepare: K = 10, prefetch 4; three updates delivered without a tick
+    federation = start_federation(tmp_path, fedbuff(buffer_size=10), update_prefetch=4)
+    for site in ("a", "b", "c"):
         arrive(federation, site)
+    federation.transport.poll(0)
+    gathering = (len(federation.transport.unacked), len(federation.audit()))
 
-    # Execute: deliver only, no tick
+    # Execute: the fourth fills the window
+    arrive(federation, "a")
     federation.transport.poll(0)
 
-    # Assert: the fourth update closed the batch, so the broker may already send the next ones
+    # Assert: held while the window had room, committed (and acked, so the broker sends more) once it was full
+    assert gathering == (3, 0)
     assert len(federation.transport.unacked) == 0
     assert len(federation.audit()) == 4
 
