@@ -49,6 +49,22 @@ log = logging.getLogger(__name__)
 AGENT_VERSION = "0.1.0"
 
 
+Job = tuple[str, Callable[[], Message]]  # what it is ("evaluation", "training"), the work
+JobResult = tuple[str, Message | Exception]
+
+
+def run_jobs(jobs: list[Job]) -> list[JobResult]:
+    """Run one turn's jobs in order on the worker. A failed job is reported with its exception instead of its
+    message, so the jobs after it still run (a task's bug or diverged training must not kill the agent)."""
+    results: list[JobResult] = []
+    for kind, job in jobs:
+        try:
+            results.append((kind, job()))
+        except Exception as exc:
+            results.append((kind, exc))
+    return results
+
+
 @dataclass(frozen=True)
 class Outgoing:
     exchange: str
@@ -165,8 +181,9 @@ class SiteAgent:
         self.latest: GlobalModel | None = None
         self.evaluated_version: int | None = None
         self.trained_version: int | None = None
-        self.job: Future[Message] | None = None
+        self.job: Future[list[JobResult]] | None = None
         self.job_kind = ""
+        self.job_version = 0
         self.job_started = 0.0
         self.last_job_seconds = 0.0
         self.idle_since = clock()
@@ -231,70 +248,76 @@ class SiteAgent:
     def _collect(self) -> None:
         if self.job is None or not self.job.done():
             return
-        job, kind = self.job, self.job_kind
+        job = self.job
         self.job = None
         self.last_job_seconds = self.clock() - self.job_started
         self.idle_since = self.clock()
-        try:
-            message = job.result()
-        except Exception as exc:  # a task's bug or diverged training must not kill the agent
-            log.error("%s failed: %s", kind, exc)
-            if kind == "training" and self.latest is not None:
-                self.trained_version = self.latest.version
-            return
-        if isinstance(message, EvalReport):
-            self.evaluated_version = message.model_version
-            log.info(
-                "evaluation of v%d: %s",
-                message.model_version,
-                ", ".join(f"{name} {value:.3f}" for name, value in sorted(message.metrics.items())),
+        for kind, outcome in job.result():
+            if isinstance(outcome, Exception):
+                log.error("%s failed: %s", kind, outcome)
+                if kind == "training":
+                    self.trained_version = self.job_version  # not retried on the same version
+            elif isinstance(outcome, EvalReport):
+                self._queue_evaluation(outcome)
+            elif isinstance(outcome, ModelUpdate):
+                self._queue_update(outcome)
+
+    def _queue_evaluation(self, report: EvalReport) -> None:
+        self.evaluated_version = report.model_version
+        log.info(
+            "evaluation of v%d: %s",
+            report.model_version,
+            ", ".join(f"{name} {value:.3f}" for name, value in sorted(report.metrics.items())),
+        )
+        self.outbox.append(
+            Outgoing(
+                Exchange.STATUS.value,
+                routing_key(self.site_id, Kind.EVAL),
+                report.encode(),
+                f"eval-{report.model_version}",
+                f"evaluation of v{report.model_version}",
             )
-            self.outbox.append(
-                Outgoing(
-                    Exchange.STATUS.value,
-                    routing_key(self.site_id, Kind.EVAL),
-                    message.encode(),
-                    f"eval-{message.model_version}",
-                    f"evaluation of v{message.model_version}",
-                )
+        )
+
+    def _queue_update(self, update: ModelUpdate) -> None:
+        self.trained_version = update.base_version
+        log.info(
+            "trained %d steps on v%d in %.2f s (loss %.4f)",
+            update.metrics.steps,
+            update.base_version,
+            update.metrics.seconds,
+            update.metrics.loss,
+        )
+        self.outbox.append(
+            Outgoing(
+                Exchange.UPDATES.value,
+                routing_key(self.site_id, Kind.UPDATE),
+                update.encode(self.compression),
+                update.update_id,
+                f"update seq {update.seq} on v{update.base_version}",
             )
-        elif isinstance(message, ModelUpdate):
-            self.trained_version = message.base_version
-            log.info(
-                "trained %d steps on v%d in %.2f s (loss %.4f)",
-                message.metrics.steps,
-                message.base_version,
-                message.metrics.seconds,
-                message.metrics.loss,
-            )
-            self.outbox.append(
-                Outgoing(
-                    Exchange.UPDATES.value,
-                    routing_key(self.site_id, Kind.UPDATE),
-                    message.encode(self.compression),
-                    message.update_id,
-                    f"update seq {message.seq} on v{message.base_version}",
-                )
-            )
+        )
 
     def _schedule(self) -> None:
+        """Evaluate a new model, then train on it, as one job: the worker goes straight from one to the other
+        instead of waiting for the I/O loop's next turn in between (a fast site sends twice as many updates)."""
         if self.job is not None or self.latest is None or self.paused or self.stopped:
             return
         model = self.latest
+        jobs: list[Job] = []
         if model.version != self.evaluated_version:
-            self._submit("evaluation", lambda: self.trainer.evaluate(model))
-            return
+            jobs.append(("evaluation", lambda: self.trainer.evaluate(model)))
         retrain = model.training.train_on_same_version and self.clock() - self.idle_since >= max(
             self.last_job_seconds, 0.05
         )
-        if model.version != self.trained_version or retrain:
+        if model.version != self.trained_version or (retrain and not jobs):
             seq = self.counter.next()
-            self._submit("training", lambda: self.trainer.train(model, seq))
-
-    def _submit(self, kind: str, job: Callable[[], Message]) -> None:
-        self.job_kind = kind
-        self.job_started = self.clock()
-        self.job = self.executor.submit(job)
+            jobs.append(("training", lambda: self.trainer.train(model, seq)))
+        if jobs:
+            self.job_kind = " and ".join(kind for kind, _ in jobs)
+            self.job_version = model.version
+            self.job_started = self.clock()
+            self.job = self.executor.submit(run_jobs, jobs)
 
     def _flush_outbox(self) -> None:
         assert self.transport is not None
@@ -320,7 +343,7 @@ class SiteAgent:
         if self.paused:
             return SiteState.PAUSED
         if self.job is not None:
-            return SiteState.TRAINING if self.job_kind == "training" else SiteState.EVALUATING
+            return SiteState.TRAINING if "training" in self.job_kind else SiteState.EVALUATING
         return SiteState.IDLE
 
     def _heartbeat(self) -> None:

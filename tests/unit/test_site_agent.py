@@ -7,6 +7,7 @@ The patient-data tests capture every byte the agent publishes and search it for 
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -258,6 +259,46 @@ def test_agent_evaluates_each_new_model_and_reports_it(harness: Harness) -> None
     assert all(report.site_id == SITE and report.num_examples == harness.data.num_test for report in reports)
     assert all(0.0 <= report.metrics["accuracy"] <= 1.0 for report in reports)
     assert all(delivery.user_id == SITE for delivery in harness.status_deliveries(Kind.EVAL))
+
+
+def test_a_new_models_evaluation_and_update_leave_in_the_same_turn(harness: Harness) -> None:
+    # Prepare: the turn that picks up model v0 starts the worker
+    harness.publish_model(harness.model(0))
+    harness.turn()
+    assert harness.agent.job is not None
+    harness.agent.job.result(timeout=PUMP_TIMEOUT_SECONDS)
+
+    # Execute: the next turn
+    harness.turn()
+
+    # Assert: evaluated and trained in one go, no turn of the loop in between
+    assert [report.model_version for report in harness.evaluations()] == [0]
+    assert [update.base_version for update in harness.updates()] == [0]
+
+
+class FailingEvaluation(LocalTrainer):
+    def evaluate(self, model: GlobalModel) -> EvalReport:
+        raise RuntimeError("the test split is unreadable")
+
+
+def test_a_failed_evaluation_is_logged_and_training_still_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    harness = make_harness(tmp_path, trainer_type=FailingEvaluation)
+    try:
+        harness.publish_model(harness.model(0))
+
+        # Execute
+        with caplog.at_level(logging.ERROR, logger="site_agent.agent"):
+            harness.pump(lambda: len(harness.updates()) >= 1)
+    finally:
+        harness.agent.close()
+
+    # Assert
+    assert harness.evaluations() == []
+    assert [update.base_version for update in harness.updates()] == [0]
+    assert "evaluation failed: the test split is unreadable" in caplog.text
 
 
 def test_update_carries_local_minus_base_and_the_sites_identity(harness: Harness) -> None:
