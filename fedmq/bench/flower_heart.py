@@ -64,6 +64,7 @@ def run_server(args: argparse.Namespace) -> int:
                 "pooled": scores.pooled,
                 "mean": scores.mean,
                 "per_site": scores.per_site,
+                "site_weighted": scores.site_weighted,
             }
             handle.write(json.dumps(row) + "\n")
         return 0.0, {"accuracy": scores.pooled}

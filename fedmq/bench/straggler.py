@@ -151,7 +151,13 @@ class RunResult:
             "sites_ready_at": self.sites_ready_at,
             "error": self.error,
             "models": [
-                {"time": model.time, "version": model.version, "pooled": model.scores.pooled, "mean": model.scores.mean}
+                {
+                    "time": model.time,
+                    "version": model.version,
+                    "pooled": model.scores.pooled,
+                    "mean": model.scores.mean,
+                    "site_weighted": model.scores.site_weighted,
+                }
                 for model in self.models
             ],
         }
@@ -413,7 +419,11 @@ def run_flower(
         if history.exists():
             rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
             models[:] = [
-                ScoredModel(row["time"], row["round"], Scores(row["pooled"], row["mean"], row["per_site"]))
+                ScoredModel(
+                    row["time"],
+                    row["round"],
+                    Scores(row["pooled"], row["mean"], row["per_site"], row.get("site_weighted")),
+                )
                 for row in rows
             ]
         return models
@@ -472,6 +482,7 @@ class SystemSummary:
     time_to_mean: float | None
     final_pooled: float | None
     final_mean: float | None
+    final_site_weighted: float | None
     versions: float | None
     startup: float | None
 
@@ -499,6 +510,7 @@ def summarise(results: Sequence[RunResult], system: str) -> SystemSummary:
         time_to_mean=time_median(MEAN_TARGET, "mean"),
         final_pooled=median_or_none(final.pooled if final else None for final in finals),
         final_mean=median_or_none(final.mean if final else None for final in finals),
+        final_site_weighted=median_or_none(final.site_weighted if final else None for final in finals),
         versions=median_or_none(float(result.versions) for result in runs),
         startup=median_or_none(result.startup_seconds for result in runs),
     )
@@ -627,8 +639,11 @@ def format_report(
         f"batch 4, the same seeded initial model, seeds {', '.join(map(str, seeds))}, a budget of "
         f"{budget_seconds:.0f} s counted from when training can start (first global model published and all four "
         "sites connected; the start-up before that is in its own column). fedmq strategies as `fedmq demo` configures "
-        f"them: {strategy_settings()}; {flower_note}. Every global model is scored by the same referee on the four "
-        "FLamby test splits. Medians over seeds; a seed that missed a target within the budget counts as the budget.",
+        f"them: {strategy_settings()}; {flower_note}. Every global model is scored by the same referee "
+        "(`fedmq.bench.heart`): pooled = FLamby's pooled test set (the four test splits, pooled normalisation; the "
+        "figure FLamby publishes), mean = the mean over the four hospitals' own test splits (FLamby's client average), "
+        "site-weighted = those four weighted by test rows (what the coordinator's federated evaluation calls pooled). "
+        "Medians over seeds; a seed that missed a target within the budget counts as the budget.",
         "",
         markdown_table(
             [
@@ -638,6 +653,7 @@ def format_report(
                 f"s to mean >= {MEAN_TARGET}",
                 "final pooled",
                 "final mean",
+                "final site-weighted",
                 "versions/rounds",
                 "start-up s",
             ],
@@ -649,6 +665,7 @@ def format_report(
                     _seconds(summary.time_to_mean, summary.reached_mean, summary.runs),
                     _accuracy(summary.final_pooled),
                     _accuracy(summary.final_mean),
+                    _accuracy(summary.final_site_weighted),
                     "-" if summary.versions is None else f"{summary.versions:.0f}",
                     "-" if summary.startup is None else f"{summary.startup:.1f}",
                 ]
