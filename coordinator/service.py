@@ -88,7 +88,9 @@ class RunState:
 class PendingCommit:
     """What the updates handled since the last commit left to do: make durable, append, ack, publish."""
 
-    records: list[dict[str, Any]] = field(default_factory=list)
+    # audit fields of each handled update and the sha256 of its body, still being computed: sealed at commit, so
+    # hashing one update overlaps receiving and handling the next ones instead of holding up its own handling
+    unsealed: list[tuple[dict[str, Any], Future[str]]] = field(default_factory=list)
     deliveries: list[Delivery] = field(default_factory=list)
     dead_letters: list[tuple[Delivery, dict[str, Any]]] = field(default_factory=list)
     state_changed: bool = False
@@ -287,11 +289,12 @@ class Coordinator:
         """Make what the handled updates changed durable, then ack them and publish: one checkpoint and one
         audit fsync for the whole batch."""
         pending, self._pending = self._pending, PendingCommit()
-        if not (pending.deliveries or pending.records or pending.state_changed):
+        if not (pending.deliveries or pending.unsealed or pending.state_changed):
             return
+        records = self._seal(pending.unsealed)
         if pending.state_changed:
-            self._checkpoint(pending.records)
-        self.audit.append_sealed_batch(pending.records)
+            self._checkpoint(records)
+        self.audit.append_sealed_batch(records)
         for delivery, headers in pending.dead_letters:
             try:
                 self._transport().publish(
@@ -453,32 +456,36 @@ class Coordinator:
         new_version: int | None = None,
         detail: str = "",
     ) -> None:
-        """Seal the audit record of one received update (``update`` is None when it did not decode) into the
-        batch being committed."""
-        pending = self._pending.records
-        record = self.audit.seal(
-            {
-                "kind": "update",
-                "time": now,
-                "site": site_from_routing_key(delivery.routing_key),
-                "user_id": delivery.user_id,
-                "update_id": update.update_id if update else None,
-                "seq": update.seq if update else None,
-                "base_version": update.base_version if update else None,
-                "staleness": staleness,
-                "norm": norm,
-                "sha256": digest.result(),
-                "bytes": len(delivery.body),
-                "outcome": outcome,
-                "reason": reason,
-                "detail": detail,
-                "model_version": self.state.version,
-                "resulting_version": new_version,
-                "redelivered": delivery.redelivered,
-            },
-            after=pending[-1] if pending else None,
-        )
-        pending.append(record)
+        """Note the audit record of one received update (``update`` is None when it did not decode) for the batch
+        being committed; it is sealed, with its body's digest, at the commit."""
+        fields = {
+            "kind": "update",
+            "time": now,
+            "site": site_from_routing_key(delivery.routing_key),
+            "user_id": delivery.user_id,
+            "update_id": update.update_id if update else None,
+            "seq": update.seq if update else None,
+            "base_version": update.base_version if update else None,
+            "staleness": staleness,
+            "norm": norm,
+            "sha256": None,
+            "bytes": len(delivery.body),
+            "outcome": outcome,
+            "reason": reason,
+            "detail": detail,
+            "model_version": self.state.version,
+            "resulting_version": new_version,
+            "redelivered": delivery.redelivered,
+        }
+        self._pending.unsealed.append((fields, digest))
+
+    def _seal(self, unsealed: list[tuple[dict[str, Any], Future[str]]]) -> list[dict[str, Any]]:
+        """The batch's audit records with their digests, chained in the order the updates were handled."""
+        records: list[dict[str, Any]] = []
+        for fields, digest in unsealed:
+            sealed = self.audit.seal({**fields, "sha256": digest.result()}, after=records[-1] if records else None)
+            records.append(sealed)
+        return records
 
     def _reject(self, delivery: Delivery, digest: Future[str], rejection: Rejection, now: float) -> None:
         update = rejection.update

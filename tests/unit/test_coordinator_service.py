@@ -836,6 +836,24 @@ def poll_and_tick(federation: Federation) -> None:
     federation.coordinator.tick()
 
 
+def test_each_update_of_a_batch_is_audited_with_the_digest_of_its_own_bytes(tmp_path: Path) -> None:
+    # Prepare: K = 2 and a third update, so the batch holds a new version and a buffered update
+    federation = start_federation(tmp_path, fedbuff(buffer_size=2), update_prefetch=8)
+    for site in ("a", "b", "c"):
+        arrive(federation, site)
+    bodies = [delivery.body for delivery in federation.broker.queues[Queue.COORDINATOR_UPDATES.value].messages]
+
+    # Execute
+    poll_and_tick(federation)
+
+    # Assert: three records in arrival order, each with its body's sha256, chained
+    records = federation.audit()
+    assert [record["site"] for record in records] == ["a", "b", "c"]
+    assert [record["sha256"] for record in records] == [hashlib.sha256(body).hexdigest() for body in bodies]
+    assert [record["resulting_version"] for record in records] == [None, 1, None]
+    assert verify_chain(federation.state_dir / "audit.jsonl").ok
+
+
 def test_buffered_updates_gather_until_a_poll_brings_no_more(tmp_path: Path) -> None:
     # Prepare: K = 10, so these updates only fill the buffer; prefetch 8 commits at 4
     federation = start_federation(tmp_path, fedbuff(buffer_size=10), update_prefetch=8)
