@@ -128,6 +128,7 @@ class DrainRow:
     frame_reads_rate: float
     coordinator_rate: float
     coordinator_rejected: int
+    round_ratios: tuple[float, ...] = ()  # coordinator / raw consumer within each round of drains
 
     @property
     def ratio(self) -> float:
@@ -451,6 +452,9 @@ def measure_drains(
         frame_reads_rate=statistics.median(rates["frame reads"]),
         coordinator_rate=statistics.median(rates["coordinator"]),
         coordinator_rejected=rejected,
+        round_ratios=tuple(
+            coordinator / raw for coordinator, raw in zip(rates["coordinator"], rates["raw"], strict=True) if raw > 0
+        ),
     )
 
 
@@ -471,7 +475,8 @@ def format_report(drains: list[DrainRow], splits: list[SplitRow], machine: str, 
         "scripted sites, each its own broker user, with publisher confirms. The goal compares the coordinator "
         "with the bare consumer as pika ships; the last ratio compares it with a consumer that receives as "
         "cheaply as the coordinator does, i.e. what all the coordinator's own work costs. Rates are medians over "
-        "the repeats, the three drains interleaved in each.",
+        "the repeats, the three drains interleaved in each; the ratio in each round (the coordinator against the bare "
+        "consumer of the same round) shows how much the two move from one round to the next on a shared machine.",
         "",
         markdown_table(
             [
@@ -483,6 +488,7 @@ def format_report(drains: list[DrainRow], splits: list[SplitRow], machine: str, 
                 "raw, frame reads /s",
                 "coordinator /s",
                 "coordinator / raw",
+                "per round, lowest-highest",
                 "goal >= 0.9",
                 "coordinator / raw with frame reads",
             ],
@@ -496,6 +502,7 @@ def format_report(drains: list[DrainRow], splits: list[SplitRow], machine: str, 
                     f"{row.frame_reads_rate:.1f}",
                     f"{row.coordinator_rate:.1f}",
                     f"{row.ratio:.2f}",
+                    f"{min(row.round_ratios):.2f}-{max(row.round_ratios):.2f}" if row.round_ratios else "-",
                     (("met" if row.ratio >= GOAL_RATIO else "NOT met") if row.params >= GOAL_FROM_PARAMS else "-")
                     + (f" ({row.coordinator_rejected} rejected!)" if row.coordinator_rejected else ""),
                     f"{row.frame_reads_ratio:.2f}",
