@@ -225,6 +225,50 @@ def find_rabbitmq_scripts(explicit_dir: Path | None = None) -> Path:
     raise BrokerNotInstalled(f"RabbitMQ (rabbitmq-server) is not installed {where}: {INSTALL_HINT}")
 
 
+RABBITMQCTL_PORTS = range(35672, 35683)  # rabbitmqctl's own distribution ports: never hand them out
+FIRST_PICKED_PORT = 20000
+
+
+def _ephemeral_port_range() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+def free_tcp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports nothing listens on right now, for servers started a moment later.
+
+    Picked at random below the kernel's ephemeral range: a port from that range (what binding port 0 returns)
+    can be taken by any outgoing connection between this pick and the server's bind, which is how a benchmark's
+    coordinator once found its metrics port in use. All candidates are held open together, so they are distinct.
+    """
+    ephemeral = _ephemeral_port_range()
+    if ephemeral.start > FIRST_PICKED_PORT + 1000:
+        candidates = range(FIRST_PICKED_PORT, ephemeral.start)
+    else:  # an unusual kernel setting: any unprivileged port
+        candidates = range(1024, 65536)
+    chooser = secrets.SystemRandom()
+    ports: list[int] = []
+    with contextlib.ExitStack() as stack:
+        for _attempt in range(count * 200):
+            if len(ports) == count:
+                break
+            port = chooser.choice(candidates)
+            if port in ports or port in RABBITMQCTL_PORTS:
+                continue
+            probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            ports.append(port)
+    if len(ports) < count:
+        raise OSError(f"found only {len(ports)} of {count} free TCP ports on {host} in {candidates}")
+    return ports
+
+
 def _port_is_free(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:

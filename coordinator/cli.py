@@ -105,7 +105,15 @@ def run_command(args: argparse.Namespace) -> int:
     torch.set_num_threads(config.torch_threads)
     registry = CollectorRegistry()
     coordinator = runner.build_coordinator(config, registry)
-    coordinator.metrics.serve(config.metrics.host, config.metrics.port)
+    try:
+        coordinator.metrics.serve(config.metrics.host, config.metrics.port)
+    except OSError as exc:
+        print(
+            f"error: cannot serve metrics on {config.metrics.host}:{config.metrics.port} ({exc.strerror or exc}); "
+            "choose a free port with [metrics] port in the config or --metrics-port",
+            file=sys.stderr,
+        )
+        return 1
     print(f"metrics: http://{config.metrics.host}:{config.metrics.port}/metrics", flush=True)
     runner.run(coordinator, stop)
     return 0

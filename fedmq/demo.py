@@ -15,7 +15,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from broker.node import free_tcp_ports
 from fedmq.status import FederationStatus, StatusError, federation_status, fetch_metrics_text, read_samples
 
 HEART_SITES = ("cleveland", "hungary", "switzerland", "long-beach")
@@ -158,12 +158,6 @@ def demo_command(args: argparse.Namespace) -> int:
 
 def fedmq_command(state_dir: Path, *arguments: str) -> list[str]:
     return [sys.executable, "-m", "fedmq.cli", "--state-dir", str(state_dir), *arguments]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class ProcessGroup:
@@ -452,7 +446,7 @@ def run_demo(options: DemoOptions) -> int:
         purge_leftovers(state_dir)
         from broker.provisioning import coordinator_config_path, read_broker_url
 
-        metrics_port = options.metrics_port or free_port()
+        metrics_port = options.metrics_port or free_tcp_ports(1)[0]
         config_path = demo_dir / "coordinator.toml"
         config_path.write_text(
             coordinator_toml(options, read_broker_url(coordinator_config_path(state_dir)), metrics_port)

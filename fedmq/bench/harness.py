@@ -13,13 +13,11 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -31,7 +29,7 @@ import pika.exceptions
 from broker import topology
 from broker.declare import declare_topology_at
 from broker.errors import BrokerError
-from broker.node import LocalNode
+from broker.node import LocalNode, free_tcp_ports
 from broker.provisioning import add_site, ensure_coordinator_user, read_broker_url
 
 DEFAULT_DOC = Path("docs/BENCHMARKS.md")
@@ -42,7 +40,6 @@ DOC_INTRO = (
     "compare across machines better than the absolute figures."
 )
 # rabbitmqctl listens on these for its own Erlang distribution; a node must not take them.
-RABBITMQCTL_PORTS = range(35672, 35683)
 NODE_START_TIMEOUT = 120.0
 
 
@@ -153,19 +150,6 @@ def median_or_none(values: Iterable[float | None]) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------- ports
-
-
-def free_tcp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports nothing listens on right now (held open together, so they are distinct)."""
-    ports: list[int] = []
-    with ExitStack() as stack:
-        while len(ports) < count:
-            probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            probe.bind((host, 0))
-            port = int(probe.getsockname()[1])
-            if port not in RABBITMQCTL_PORTS:
-                ports.append(port)
-    return ports
 
 
 # --------------------------------------------------------------------------------------------------- broker

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,14 @@ import pika
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from broker.node import free_tcp_ports
 from broker.topology import Exchange, Kind, routing_key, site_inbox
 from schemas import GlobalModel, ModelUpdate, TrainingMetrics
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    (port,) = free_tcp_ports(1)
+    return port
 
 
 def write_coordinator_config(

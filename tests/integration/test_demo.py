@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import pick_free_tcp_ports
+from broker.node import free_tcp_ports
 from tests.integration.federation_helpers import REPO_ROOT, accepted_updates, read_audit
 
 HOSPITALS = ("cleveland", "hungary", "switzerland", "long-beach")
@@ -65,7 +65,7 @@ def test_demo_federates_four_hospitals_reports_the_results_and_leaves_nothing_ru
     demo_state_dir: Path, tmp_path: Path
 ) -> None:
     # Prepare
-    amqp_port, dist_port, management_port, prometheus_port, metrics_port = pick_free_tcp_ports(5)
+    amqp_port, dist_port, management_port, prometheus_port, metrics_port = free_tcp_ports(5)
     summary_path = tmp_path / "summary.json"
 
     # Execute

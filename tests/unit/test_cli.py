@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,27 @@ def test_commands_needing_a_broker_explain_how_to_set_one_up(
     # Assert
     assert add_exit_code == 1 and "fedmq broker up" in add_err
     assert status_exit_code == 3 and "fedmq broker up" in status_out
+
+
+def test_coordinator_with_its_metrics_port_taken_says_so_and_exits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: another program listens on the port the config names
+    config = tmp_path / "coordinator.toml"
+    config.write_text('task = "heart-disease"\nsites = ["hospital-a"]\n[broker]\nurl = "amqp://u:p@127.0.0.1:1/fedmq"\n')
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+
+        # Execute
+        exit_code = main(
+            ["--state-dir", str(tmp_path), "coordinator", "run", "--config", str(config), "--metrics-port", str(port)]
+        )
+
+    # Assert: one clear error naming the port and the two ways to change it, no traceback
+    err = capsys.readouterr().err
+    assert exit_code == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in err
+    assert "[metrics] port" in err and "--metrics-port" in err
+    assert "Traceback" not in err

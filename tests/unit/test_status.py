@@ -7,12 +7,12 @@ coordinator/metrics.py breaks these tests rather than leaving the status screen 
 from __future__ import annotations
 
 import io
-import socket
 from collections.abc import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 
+from broker.node import free_tcp_ports
 from coordinator.metrics import CoordinatorMetrics
 from fedmq.cli import main
 from fedmq.status import federation_status, read_samples, render, show_status
@@ -21,9 +21,8 @@ NOW = 1_700_000_000.0
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    (port,) = free_tcp_ports(1)
+    return port
 
 
 def busy_federation(registry: CollectorRegistry) -> CoordinatorMetrics:
