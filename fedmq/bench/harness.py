@@ -107,6 +107,36 @@ def publish_report(args: argparse.Namespace, name: str, report: str) -> int:
     return 0
 
 
+def figure_with_panels(panels: int, *, width: float = 11.0, height: float = 4.2) -> tuple[Any, list[Any]]:
+    """An off-screen matplotlib figure with ``panels`` axes side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, panels, figsize=(width, height))
+    return figure, list(axes) if panels > 1 else [axes]
+
+
+def save_figure(figure: Any, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def with_plot(args: argparse.Namespace, report: str, name: str, caption: str, draw: Callable[[Path], None]) -> str:
+    """Unless ``--no-doc``: draw the benchmark's plot next to the markdown file and link it under the report."""
+    if args.no_doc:
+        return report
+    path = args.doc.parent / f"bench_{name}.png"
+    draw(path)
+    return f"{report.rstrip()}\n\n![{caption}]({path.name})"
+
+
 def positive_int_list(what: str) -> Callable[[str], list[int]]:
     """An argparse type for comma-separated positive counts (``1e6`` allowed), naming ``what`` in errors."""
 

@@ -18,7 +18,9 @@ import shutil
 import statistics
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pika
@@ -31,13 +33,16 @@ from fedmq.bench.harness import (
     bench_root,
     command_line,
     describe_machine,
+    figure_with_panels,
     markdown_table,
     positive_int_list,
     publish_report,
     purge_queues,
     sample_process,
+    save_figure,
     start_coordinator,
     stop_process,
+    with_plot,
 )
 from fedmq.bench.synthetic import UpdateTemplate, model_tensors, write_synthetic_coordinator
 from fedmq.bench.throughput import rate_of, update_records
@@ -333,4 +338,23 @@ def run(args: argparse.Namespace) -> int:
         num_parameters=args.params,
         heartbeat=args.heartbeat,
     )
+    report = with_plot(
+        args, report, "scale", "updates/s and coordinator memory against sites", partial(plot_scale, combine(rows))
+    )
     return publish_report(args, "scale", report)
+
+
+def plot_scale(rows: Sequence[ScaleRow], path: Path) -> None:
+    figure, (rate_axis, memory_axis) = figure_with_panels(2)
+    sites = [row.sites for row in rows]
+    rate_axis.plot(sites, [row.rate for row in rows], marker="o")
+    rate_axis.set_ylabel("updates applied per second")
+    memory_axis.plot(sites, [row.peak_rss_mb for row in rows], marker="o", label="peak")
+    memory_axis.plot(sites, [row.rss_start_mb for row in rows], marker=".", linestyle="--", label="at first update")
+    memory_axis.set_ylabel("coordinator resident memory, MB")
+    memory_axis.legend(fontsize=8)
+    for axis in (rate_axis, memory_axis):
+        axis.set_xlabel("sites (each its own broker user and connection)")
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+    save_figure(figure, path, "one coordinator, 10 to 200 sites")

@@ -49,11 +49,13 @@ from fedmq.bench.harness import (
     bench_root,
     command_line,
     describe_machine,
+    figure_with_panels,
     free_tcp_ports,
     markdown_table,
     median_or_none,
     publish_report,
     purge_queues,
+    save_figure,
 )
 from fedmq.bench.heart import HEART_SITES, HeartReferee, Scores
 from fedmq.demo import STRATEGIES, STRATEGY_TABLES, DemoOptions, ProcessGroup, coordinator_toml, fedmq_command
@@ -567,12 +569,7 @@ def plot_curves(results: Sequence[RunResult], seed: int, path: Path, title: str)
     chosen = [result for result in results if result.seed == seed and result.start_at is not None]
     if not chosen:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (pooled_axis, mean_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (pooled_axis, mean_axis) = figure_with_panels(2)
     for result in chosen:
         assert result.start_at is not None
         end = result.start_at + result.budget_seconds
@@ -594,11 +591,7 @@ def plot_curves(results: Sequence[RunResult], seed: int, path: Path, title: str)
         axis.set_ylim(0.4, 0.9)
         axis.grid(alpha=0.3)
     mean_axis.legend(loc="lower right", fontsize=8)
-    figure.suptitle(title)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path, title)
     return True
 
 

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,13 +59,16 @@ from fedmq.bench.harness import (
     bench_root,
     command_line,
     describe_machine,
+    figure_with_panels,
     load_average,
     markdown_table,
     positive_int_list,
     publish_report,
     purge_queues,
+    save_figure,
     start_coordinator,
     stop_process,
+    with_plot,
 )
 from fedmq.bench.synthetic import UpdateTemplate, model_tensors, write_synthetic_coordinator
 from schemas import DecodeLimits, ModelFingerprint, ModelUpdate
@@ -627,4 +631,56 @@ def run(args: argparse.Namespace) -> int:
                     flush=True,
                 )
     report = format_report(drains, splits, describe_machine(rabbitmq_version), command_line(), load_before)
+    if drains:
+        report = with_plot(
+            args,
+            report,
+            "throughput",
+            "updates/s and the coordinator / raw ratio per round",
+            partial(plot_drains, drains),
+        )
     return publish_report(args, "throughput", report)
+
+
+def plot_drains(drains: Sequence[DrainRow], path: Path) -> None:
+    """Left: the three drain rates per model size; right: the coordinator / raw ratio of every round."""
+    figure, (rates_axis, ratio_axis) = figure_with_panels(2)
+    labels = [f"{row.params:,}" for row in drains]
+    width = 0.27
+    for offset, (name, rate_of_row) in enumerate(
+        (
+            ("bare consumer (pika as shipped)", lambda row: row.raw_rate),
+            ("bare consumer, frame reads", lambda row: row.frame_reads_rate),
+            ("fedmq coordinator", lambda row: row.coordinator_rate),
+        )
+    ):
+        rates_axis.bar(
+            [index + (offset - 1) * width for index in range(len(drains))],
+            [rate_of_row(row) for row in drains],
+            width,
+            label=name,
+        )
+    rates_axis.set_yscale("log")
+    rates_axis.set_xticks(range(len(drains)), labels)
+    rates_axis.set_xlabel("float32 parameters per update")
+    rates_axis.set_ylabel("updates drained per second (median)")
+    rates_axis.legend(fontsize=8)
+    for index, row in enumerate(drains):
+        first = index == 0
+        ratio_axis.scatter(
+            [index] * len(row.round_ratios),
+            row.round_ratios,
+            color="tab:green",
+            alpha=0.6,
+            label="one round" if first else None,
+        )
+        ratio_axis.scatter([index], [row.ratio], color="black", marker="_", s=400, label="median" if first else None)
+    ratio_axis.axhline(GOAL_RATIO, color="grey", linewidth=0.8, linestyle=":", label=f"goal {GOAL_RATIO} (from 1M)")
+    ratio_axis.set_xticks(range(len(drains)), labels)
+    ratio_axis.set_xlabel("float32 parameters per update")
+    ratio_axis.set_ylabel("coordinator / bare consumer (pika as shipped)")
+    ratio_axis.set_ylim(0, max(1.2, max(max(row.round_ratios, default=0.0) for row in drains) * 1.1))
+    ratio_axis.legend(fontsize=8)
+    for axis in (rates_axis, ratio_axis):
+        axis.grid(alpha=0.3)
+    save_figure(figure, path, "coordinator throughput against a bare pika consumer, same broker, same run")

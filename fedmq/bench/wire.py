@@ -23,6 +23,7 @@ import threading
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +38,14 @@ from fedmq.bench.harness import (
     bench_root,
     command_line,
     describe_machine,
+    figure_with_panels,
     free_tcp_ports,
     markdown_table,
     median_or_none,
     publish_report,
     purge_queues,
+    save_figure,
+    with_plot,
 )
 from fedmq.bench.heart import HeartReferee, Scores
 from fedmq.bench.straggler import FederationPlan, RunResult, fedmq_plan, run_fedmq
@@ -517,7 +521,29 @@ def run(args: argparse.Namespace) -> int:
         seeds=seeds,
         budgets={"heart": args.heart_budget, "image": args.image_budget},
     )
+    report = with_plot(args, report, "wire", "bytes on the wire per raw tensor byte", partial(plot_wire, wire_rows))
     return publish_report(args, "wire", report)
+
+
+def plot_wire(rows: Sequence[WireRow], path: Path) -> None:
+    figure, (axis,) = figure_with_panels(1, width=8.0)
+    models = list(dict.fromkeys(row.model for row in rows))
+    width = 0.27
+    for offset, compression in enumerate(COMPRESSIONS):
+        ratios = {row.model: row.wire_ratio for row in rows if row.compression == compression}
+        axis.bar(
+            [index + (offset - 1) * width for index in range(len(models))],
+            [ratios.get(model, 0.0) for model in models],
+            width,
+            label=compression,
+        )
+    axis.axhline(SIZE_GOAL, color="grey", linewidth=0.8, linestyle=":", label=f"goal {SIZE_GOAL} (no compression)")
+    axis.set_yscale("log")
+    axis.set_xticks(range(len(models)), models)
+    axis.set_ylabel("bytes on the wire / raw float32 bytes")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    save_figure(figure, path, "bytes per update on the wire")
 
 
 def _report_run(result: RunResult) -> RunResult:

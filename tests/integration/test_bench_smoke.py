@@ -29,6 +29,12 @@ def _bench(state_dir: Path, doc: Path, *arguments: str) -> int:
     return main(["--state-dir", str(state_dir), "bench", *arguments, "--doc", str(doc), "--keep-broker"])
 
 
+def assert_plot_linked(doc: Path, name: str) -> None:
+    """The benchmark drew its plot (a PNG) next to the markdown file and linked it from its section."""
+    assert (doc.parent / name).read_bytes().startswith(b"\x89PNG")
+    assert f"]({name})" in doc.read_text()
+
+
 def test_throughput_compares_the_coordinator_with_a_bare_consumer(
     bench_state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -61,6 +67,7 @@ def test_throughput_compares_the_coordinator_with_a_bare_consumer(
     section = doc.read_text()
     assert "## Coordinator throughput" in section
     assert "bottleneck" in section
+    assert_plot_linked(doc, "bench_throughput.png")
 
 
 def test_scale_measures_one_coordinator_against_each_site_count(
@@ -78,6 +85,7 @@ def test_scale_measures_one_coordinator_against_each_site_count(
     assert len(rows) == 2
     assert all(" 12 " in row and "rejected" not in row for row in rows)
     assert "## Scale" in doc.read_text()
+    assert_plot_linked(doc, "bench_scale.png")
 
 
 def test_wire_counts_the_bytes_a_site_sends_per_update(
@@ -97,6 +105,7 @@ def test_wire_counts_the_bytes_a_site_sends_per_update(
     assert ratios["none"] > ratios["float16"] > ratios["int8"]
     assert ratios["none"] > 1.0  # the envelope and the AMQP framing are counted too
     assert "## Wire" in doc.read_text()
+    assert_plot_linked(doc, "bench_wire.png")
 
 
 def test_straggler_runs_a_real_federation_and_scores_its_models(
@@ -113,3 +122,4 @@ def test_straggler_runs_a_real_federation_and_scores_its_models(
     assert 0.0 < final_pooled <= 1.0
     assert "Runs that failed" not in output
     assert "## Straggler" in doc.read_text()
+    assert_plot_linked(doc, "bench_straggler.png")
