@@ -87,7 +87,9 @@ def test_coordinator_with_its_metrics_port_taken_says_so_and_exits(
 ) -> None:
     # Prepare: another program listens on the port the config names
     config = tmp_path / "coordinator.toml"
-    config.write_text('task = "heart-disease"\nsites = ["hospital-a"]\n[broker]\nurl = "amqp://u:p@127.0.0.1:1/fedmq"\n')
+    config.write_text(
+        'task = "heart-disease"\nsites = ["hospital-a"]\n[broker]\nurl = "amqp://u:p@127.0.0.1:1/fedmq"\n'
+    )
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
