@@ -254,9 +254,12 @@ class SiteAgent:
         self.idle_since = self.clock()
         for kind, outcome in job.result():
             if isinstance(outcome, Exception):
-                log.error("%s failed: %s", kind, outcome)
+                log.error("%s of v%d failed: %s", kind, self.job_version, outcome)
+                # not retried on the same version (a broken task would fail again, every turn)
                 if kind == "training":
-                    self.trained_version = self.job_version  # not retried on the same version
+                    self.trained_version = self.job_version
+                else:
+                    self.evaluated_version = self.job_version
             elif isinstance(outcome, EvalReport):
                 self._queue_evaluation(outcome)
             elif isinstance(outcome, ModelUpdate):
@@ -310,7 +313,7 @@ class SiteAgent:
         retrain = model.training.train_on_same_version and self.clock() - self.idle_since >= max(
             self.last_job_seconds, 0.05
         )
-        if model.version != self.trained_version or (retrain and not jobs):
+        if model.version != self.trained_version or retrain:
             seq = self.counter.next()
             jobs.append(("training", lambda: self.trainer.train(model, seq)))
         if jobs:

@@ -277,11 +277,14 @@ def test_a_new_models_evaluation_and_update_leave_in_the_same_turn(harness: Harn
 
 
 class FailingEvaluation(LocalTrainer):
+    attempts = 0
+
     def evaluate(self, model: GlobalModel) -> EvalReport:
+        FailingEvaluation.attempts += 1
         raise RuntimeError("the test split is unreadable")
 
 
-def test_a_failed_evaluation_is_logged_and_training_still_runs(
+def test_a_failed_evaluation_is_logged_training_still_runs_and_it_is_not_retried(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Prepare
@@ -290,15 +293,18 @@ def test_a_failed_evaluation_is_logged_and_training_still_runs(
         harness.publish_model(harness.model(0))
 
         # Execute
+        FailingEvaluation.attempts = 0
         with caplog.at_level(logging.ERROR, logger="site_agent.agent"):
             harness.pump(lambda: len(harness.updates()) >= 1)
+            harness.pump_turns(5)
     finally:
         harness.agent.close()
 
     # Assert
     assert harness.evaluations() == []
-    assert [update.base_version for update in harness.updates()] == [0]
-    assert "evaluation failed: the test split is unreadable" in caplog.text
+    assert harness.updates()[0].base_version == 0
+    assert FailingEvaluation.attempts == 1
+    assert "evaluation of v0 failed: the test split is unreadable" in caplog.text
 
 
 def test_update_carries_local_minus_base_and_the_sites_identity(harness: Harness) -> None:
