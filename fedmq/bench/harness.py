@@ -39,7 +39,6 @@ DOC_INTRO = (
     "the machine it ran on and the command that reproduces it; ratios are measured within one run, so they "
     "compare across machines better than the absolute figures."
 )
-# rabbitmqctl listens on these for its own Erlang distribution; a node must not take them.
 NODE_START_TIMEOUT = 120.0
 
 
@@ -128,6 +127,15 @@ def save_figure(figure: Any, path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def grouped_bars(axis: Any, groups: Sequence[str], series: Sequence[tuple[str, Sequence[float]]]) -> None:
+    """One bar per series side by side in each group (a value per group in each series), groups on the x axis."""
+    width = 0.8 / len(series)
+    for offset, (label, values) in enumerate(series):
+        shift = (offset - (len(series) - 1) / 2) * width
+        axis.bar([index + shift for index in range(len(groups))], values, width, label=label)
+    axis.set_xticks(range(len(groups)), groups)
+
+
 def with_plot(args: argparse.Namespace, report: str, name: str, caption: str, draw: Callable[[Path], None]) -> str:
     """Unless ``--no-doc``: draw the benchmark's plot next to the markdown file and link it under the report."""
     if args.no_doc:
@@ -177,9 +185,6 @@ def median_or_none(values: Iterable[float | None]) -> float | None:
     """The median of the values that exist; None when none does."""
     present = [value for value in values if value is not None]
     return statistics.median(present) if present else None
-
-
-# ---------------------------------------------------------------------------------------------------- ports
 
 
 # --------------------------------------------------------------------------------------------------- broker

@@ -60,6 +60,7 @@ from fedmq.bench.harness import (
     command_line,
     describe_machine,
     figure_with_panels,
+    grouped_bars,
     load_average,
     markdown_table,
     positive_int_list,
@@ -646,22 +647,16 @@ def plot_drains(drains: Sequence[DrainRow], path: Path) -> None:
     """Left: the three drain rates per model size; right: the coordinator / raw ratio of every round."""
     figure, (rates_axis, ratio_axis) = figure_with_panels(2)
     labels = [f"{row.params:,}" for row in drains]
-    width = 0.27
-    for offset, (name, rate_of_row) in enumerate(
-        (
-            ("bare consumer (pika as shipped)", lambda row: row.raw_rate),
-            ("bare consumer, frame reads", lambda row: row.frame_reads_rate),
-            ("fedmq coordinator", lambda row: row.coordinator_rate),
-        )
-    ):
-        rates_axis.bar(
-            [index + (offset - 1) * width for index in range(len(drains))],
-            [rate_of_row(row) for row in drains],
-            width,
-            label=name,
-        )
+    grouped_bars(
+        rates_axis,
+        labels,
+        [
+            ("bare consumer (pika as shipped)", [row.raw_rate for row in drains]),
+            ("bare consumer, frame reads", [row.frame_reads_rate for row in drains]),
+            ("fedmq coordinator", [row.coordinator_rate for row in drains]),
+        ],
+    )
     rates_axis.set_yscale("log")
-    rates_axis.set_xticks(range(len(drains)), labels)
     rates_axis.set_xlabel("float32 parameters per update")
     rates_axis.set_ylabel("updates drained per second (median)")
     rates_axis.legend(fontsize=8)

@@ -40,6 +40,7 @@ from fedmq.bench.harness import (
     describe_machine,
     figure_with_panels,
     free_tcp_ports,
+    grouped_bars,
     markdown_table,
     median_or_none,
     publish_report,
@@ -528,18 +529,14 @@ def run(args: argparse.Namespace) -> int:
 def plot_wire(rows: Sequence[WireRow], path: Path) -> None:
     figure, (axis,) = figure_with_panels(1, width=8.0)
     models = list(dict.fromkeys(row.model for row in rows))
-    width = 0.27
-    for offset, compression in enumerate(COMPRESSIONS):
-        ratios = {row.model: row.wire_ratio for row in rows if row.compression == compression}
-        axis.bar(
-            [index + (offset - 1) * width for index in range(len(models))],
-            [ratios.get(model, 0.0) for model in models],
-            width,
-            label=compression,
-        )
+    ratios = {(row.model, row.compression): row.wire_ratio for row in rows}
+    grouped_bars(
+        axis,
+        models,
+        [(compression, [ratios.get((model, compression), 0.0) for model in models]) for compression in COMPRESSIONS],
+    )
     axis.axhline(SIZE_GOAL, color="grey", linewidth=0.8, linestyle=":", label=f"goal {SIZE_GOAL} (no compression)")
     axis.set_yscale("log")
-    axis.set_xticks(range(len(models)), models)
     axis.set_ylabel("bytes on the wire / raw float32 bytes")
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
