@@ -1,9 +1,9 @@
-"""The federation's private certificate authority, made with the ``openssl`` command (no extra Python package).
+"""The federation's private certificate authority, made with the ``cryptography`` package's x509 API.
 
 With TLS the broker logs every client in as the common name (CN) of its certificate (RabbitMQ's EXTERNAL
 mechanism), so a certificate *is* a broker identity: a hospital's has CN = its site id, the coordinator's
 CN = ``fedmq-coordinator``, and the administrator's CN = ``fedmq-admin``. Everything lives under
-``<state dir>/certs/`` (directories 0700, private keys 0600, certificates 0644)::
+``<state dir>/certs/`` (directories 0700, private keys 0600 from their first byte, certificates 0644)::
 
     certs/
       ca.pem   ca.key           the private CA (P-256, 10 years); ca.key never leaves this machine
@@ -22,16 +22,20 @@ and a leaked key is dealt with by renewing the CA.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import ipaddress
 import os
 import re
 import secrets
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.errors import BrokerError
 
@@ -45,12 +49,13 @@ COMMON_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HOST_NAME_PATTERN = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9*]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
-OPENSSL_TIMEOUT_SECONDS = 30.0
-INSTALL_HINT = "install it with `sudo apt-get install openssl` (Debian/Ubuntu)"
+BACKDATE = datetime.timedelta(minutes=5)  # a peer whose clock is a little behind still accepts a fresh certificate
+
+GeneralName = x509.DNSName | x509.IPAddress
 
 
 class CertificateError(BrokerError):
-    """A certificate cannot be made or checked (no openssl, a bad name, openssl failed); says which and why."""
+    """A certificate cannot be made or checked (a bad name, no CA yet, an unreadable file); says which and why."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,6 @@ class CertificateSettings:
     ca_days: int = 3650
     leaf_days: int = 825  # the longest validity clients such as browsers still accept; renewal is one command
     renew_before_days: int = 30
-    openssl: str = "openssl"
 
 
 @dataclass(frozen=True)
@@ -89,15 +93,32 @@ def validate_common_name(common_name: str) -> str:
     return common_name
 
 
-def subject_alt_name(host: str) -> str:
-    """``IP:...`` for an address, ``DNS:...`` for a host name; anything else is refused."""
+def subject_alt_name(host: str) -> GeneralName:
+    """An IP address entry for an address, a DNS entry for a host name; anything else is refused."""
     try:
-        return f"IP:{ipaddress.ip_address(host.strip('[]'))}"
+        return x509.IPAddress(ipaddress.ip_address(host.strip("[]")))
     except ValueError:
         pass
     if not HOST_NAME_PATTERN.match(host):
         raise CertificateError(f"invalid host name {host!r} for the broker certificate")
-    return f"DNS:{host.lower()}"
+    return x509.DNSName(host.lower())
+
+
+def _name(common_name: str, *, organisation: str | None = None) -> x509.Name:
+    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation)] if organisation else []
+    return x509.Name([*attributes, x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _serial_number() -> int:
+    return int.from_bytes(secrets.token_bytes(16), "big") >> 1  # positive and below 2**127, as RFC 5280 asks
+
+
+def _public_bytes(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 class CertificateStore:
@@ -140,41 +161,48 @@ class CertificateStore:
         if self.has_ca() and not renew and self._ca_is_usable():
             return outcome
         self._prepare_directory(self.directory)
-        with self._workspace() as work:
-            key = self._new_key(work / "ca.key")
-            config = work / "ca.cnf"
-            config.write_text(
-                "[req]\nprompt = no\ndistinguished_name = subject\nx509_extensions = ca\n"
-                f"[subject]\nO = fedmq\nCN = fedmq private CA {secrets.token_hex(4)}\n"
-                "[ca]\nbasicConstraints = critical, CA:TRUE, pathlen:0\n"
-                "keyUsage = critical, keyCertSign, cRLSign\nsubjectKeyIdentifier = hash\n"
-            )
-            certificate = work / "ca.pem"
-            self._openssl(
-                "req", "-x509", "-new", "-config", str(config), "-key", str(key), "-sha256",
-                "-days", str(self.settings.ca_days), "-out", str(certificate),
-            )  # fmt: skip
-            self._install(key, certificate, self.ca_key_file, self.ca_file)
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = _name(f"fedmq private CA {secrets.token_hex(4)}", organisation="fedmq")
+        now = _now()
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + datetime.timedelta(days=self.settings.ca_days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage(digital_signature=False, key_cert_sign=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        self._install(key, certificate, self.ca_key_file, self.ca_file)
         return CertificateOutcome(outcome.name, outcome.files, True)
 
     def ensure_broker(self, hosts: Iterable[str] = ()) -> CertificateOutcome:
         """The broker's server certificate, valid for localhost, 127.0.0.1, the names it has and ``hosts``."""
         files = self.broker_files()
         wanted = {subject_alt_name(host) for host in (*DEFAULT_BROKER_HOSTS, *hosts)}
-        good = self._is_good(files)
-        present = self._subject_alt_names(files.cert_file) if good else set()
-        if good and wanted <= present:
+        certificate = self._good_certificate(files)
+        present = _subject_alt_names(certificate) if certificate is not None else set()
+        if certificate is not None and wanted <= present:
             return CertificateOutcome(BROKER_NAME, files, False)
-        self._issue(files, common_name=BROKER_COMMON_NAME, usage="serverAuth", alt_names=sorted(wanted | present))
+        self._issue(
+            files,
+            common_name=BROKER_COMMON_NAME,
+            usage=ExtendedKeyUsageOID.SERVER_AUTH,
+            alt_names=sorted(wanted | present, key=lambda name: (type(name).__name__, str(name.value))),
+        )
         return CertificateOutcome(BROKER_NAME, files, True)
 
     def ensure_client(self, common_name: str, *, reissue: bool = False) -> CertificateOutcome:
         """A client certificate with CN = ``common_name``: the broker user it logs in as."""
         files = self.client_files(common_name)
-        if not reissue and self._is_good(files):
+        if not reissue and self._good_certificate(files) is not None:
             return CertificateOutcome(common_name, files, False)
         self._prepare_directory(self.clients_dir)
-        self._issue(files, common_name=common_name, usage="clientAuth", alt_names=[])
+        self._issue(files, common_name=common_name, usage=ExtendedKeyUsageOID.CLIENT_AUTH, alt_names=[])
         return CertificateOutcome(common_name, files, True)
 
     def ensure_all(
@@ -190,120 +218,153 @@ class CertificateStore:
     # checks
 
     def _ca_is_usable(self) -> bool:
-        return self._keys_match(self.ca_file, self.ca_key_file) and self._valid_for(
-            self.ca_file, self.settings.renew_before_days
-        )
+        pair = _read_pair(self.ca_file, self.ca_key_file)
+        return pair is not None and self._valid_long_enough(pair[0])
 
-    def _is_good(self, files: TlsFiles) -> bool:
-        if not (files.cert_file.exists() and files.key_file.exists() and self.has_ca()):
-            return False
-        verified = self._run(["verify", "-CAfile", str(self.ca_file), str(files.cert_file)])
-        return (
-            verified.returncode == 0
-            and self._valid_for(files.cert_file, self.settings.renew_before_days)
-            and self._keys_match(files.cert_file, files.key_file)
-        )
+    def _good_certificate(self, files: TlsFiles) -> x509.Certificate | None:
+        """The certificate in ``files`` if it is signed by the current CA, matches its key and is not about to
+        expire; None when it must be (re)issued."""
+        if not self.has_ca():
+            return None
+        pair = _read_pair(files.cert_file, files.key_file)
+        ca = _read_certificate(self.ca_file)
+        if pair is None or ca is None:
+            return None
+        certificate = pair[0]
+        try:
+            certificate.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            return None
+        return certificate if self._valid_long_enough(certificate) else None
 
-    def _valid_for(self, cert_file: Path, days: int) -> bool:
-        result = self._run(["x509", "-in", str(cert_file), "-noout", "-checkend", str(days * 86400)])
-        return result.returncode == 0
+    def _valid_long_enough(self, certificate: x509.Certificate) -> bool:
+        margin = datetime.timedelta(days=self.settings.renew_before_days)
+        return certificate.not_valid_before_utc <= _now() and _now() + margin < certificate.not_valid_after_utc
 
-    def _keys_match(self, cert_file: Path, key_file: Path) -> bool:
-        if not (cert_file.exists() and key_file.exists()):
-            return False
-        from_cert = self._run(["x509", "-in", str(cert_file), "-noout", "-pubkey"])
-        from_key = self._run(["pkey", "-in", str(key_file), "-pubout"])
-        return from_cert.returncode == 0 and from_key.returncode == 0 and from_cert.stdout == from_key.stdout
+    # writing
 
-    def _subject_alt_names(self, cert_file: Path) -> set[str]:
-        result = self._run(["x509", "-in", str(cert_file), "-noout", "-ext", "subjectAltName"])
-        if result.returncode != 0:
-            return set()
-        names: set[str] = set()
-        for line in result.stdout.splitlines()[1:]:  # the first line is the extension's title
-            for entry in line.split(","):
-                kind, _, value = entry.strip().partition(":")
-                if value:
-                    names.add(f"{'IP' if kind == 'IP Address' else kind}:{value}")
-        return names
-
-    # openssl
-
-    def _issue(self, files: TlsFiles, *, common_name: str, usage: str, alt_names: list[str]) -> None:
+    def _issue(
+        self, files: TlsFiles, *, common_name: str, usage: x509.ObjectIdentifier, alt_names: list[GeneralName]
+    ) -> None:
         if not self.has_ca():
             raise CertificateError(f"no CA in {self.directory}: run `fedmq broker certs` first")
-        with self._workspace() as work:
-            key = self._new_key(work / "leaf.key")
-            request_config = work / "request.cnf"
-            request_config.write_text(
-                f"[req]\nprompt = no\ndistinguished_name = subject\n[subject]\nCN = {common_name}\n"
+        ca_certificate = _read_certificate(self.ca_file)
+        ca_key = _read_private_key(self.ca_key_file)
+        if ca_certificate is None or ca_key is None:
+            raise CertificateError(f"the CA in {self.directory} is unreadable: run `fedmq broker certs --renew-ca`")
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = _now()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(common_name))
+            .issuer_name(ca_certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + datetime.timedelta(days=self.settings.leaf_days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(digital_signature=True, key_cert_sign=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
             )
-            request = work / "leaf.csr"
-            self._openssl("req", "-new", "-config", str(request_config), "-key", str(key), "-out", str(request))
-            extensions = [
-                "basicConstraints = critical, CA:FALSE",
-                "keyUsage = critical, digitalSignature",
-                f"extendedKeyUsage = {usage}",
-                "subjectKeyIdentifier = hash",
-                "authorityKeyIdentifier = keyid, issuer",
-            ]
-            if alt_names:
-                extensions.append(f"subjectAltName = {', '.join(alt_names)}")
-            extension_file = work / "extensions.cnf"
-            extension_file.write_text("[leaf]\n" + "\n".join(extensions) + "\n")
-            certificate = work / "leaf.pem"
-            self._openssl(
-                "x509", "-req", "-in", str(request), "-CA", str(self.ca_file), "-CAkey", str(self.ca_key_file),
-                "-set_serial", f"0x{secrets.token_hex(16)}", "-days", str(self.settings.leaf_days), "-sha256",
-                "-extfile", str(extension_file), "-extensions", "leaf", "-out", str(certificate),
-            )  # fmt: skip
-            self._install(key, certificate, files.key_file, files.cert_file)
+        )
+        if alt_names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        self._install(key, builder.sign(ca_key, hashes.SHA256()), files.key_file, files.cert_file)
 
-    def _new_key(self, path: Path) -> Path:
-        self._openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(path))
-        return path
-
-    def _install(self, key: Path, certificate: Path, key_target: Path, certificate_target: Path) -> None:
-        """Rename both into place (the key first: a crash in between leaves a pair that ``_is_good`` rejects)."""
-        key.chmod(0o600)
-        certificate.chmod(0o644)
-        os.replace(key, key_target)
-        os.replace(certificate, certificate_target)
-
-    @contextlib.contextmanager
-    def _workspace(self) -> Iterator[Path]:
-        """A private scratch directory next to the targets, so the final rename stays on one filesystem."""
-        self._prepare_directory(self.directory)
-        work = Path(tempfile.mkdtemp(prefix=".issuing-", dir=self.directory))
-        try:
-            yield work
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    def _install(
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        certificate: x509.Certificate,
+        key_target: Path,
+        certificate_target: Path,
+    ) -> None:
+        """Write both under temporary names and rename them into place (the key first: a crash in between leaves
+        a pair that ``_good_certificate`` rejects)."""
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        with _temporary(key_target) as temporary:
+            _write_new_file(temporary, key_pem, mode=0o600)
+            os.replace(temporary, key_target)
+        with _temporary(certificate_target) as temporary:
+            _write_new_file(temporary, certificate.public_bytes(serialization.Encoding.PEM), mode=0o644)
+            os.replace(temporary, certificate_target)
 
     @staticmethod
     def _prepare_directory(directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         directory.chmod(0o700)
 
-    def _openssl(self, *arguments: str) -> None:
-        result = self._run(list(arguments))
-        if result.returncode != 0:
-            raise CertificateError(f"`openssl {arguments[0]}` failed: {(result.stderr or result.stdout).strip()}")
 
-    def _run(self, arguments: list[str]) -> subprocess.CompletedProcess[str]:
-        executable = shutil.which(self.settings.openssl)
-        if executable is None:
-            raise CertificateError(f"the `{self.settings.openssl}` command is not installed: {INSTALL_HINT}")
-        try:
-            return subprocess.run(
-                [executable, *arguments],
-                capture_output=True,
-                text=True,
-                timeout=OPENSSL_TIMEOUT_SECONDS,
-                check=False,
-                umask=0o077,  # keys are private from their first byte
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise CertificateError(
-                f"`openssl {arguments[0]}` took longer than {OPENSSL_TIMEOUT_SECONDS:.0f} s"
-            ) from exc
+def _key_usage(*, digital_signature: bool, key_cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=key_cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _subject_alt_names(certificate: x509.Certificate) -> set[GeneralName]:
+    try:
+        extension = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return set()
+    return {name for name in extension.value if isinstance(name, (x509.DNSName, x509.IPAddress))}
+
+
+def _read_certificate(path: Path) -> x509.Certificate | None:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_private_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        return None
+    return key if isinstance(key, ec.EllipticCurvePrivateKey) else None
+
+
+def _read_pair(cert_file: Path, key_file: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+    """The certificate and its key, or None when either is missing or unreadable or they do not belong together."""
+    certificate, key = _read_certificate(cert_file), _read_private_key(key_file)
+    if certificate is None or key is None:
+        return None
+    public_key = certificate.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        return None
+    if _public_bytes(public_key) != _public_bytes(key.public_key()):
+        return None
+    return certificate, key
+
+
+@contextlib.contextmanager
+def _temporary(target: Path) -> Iterator[Path]:
+    """A scratch name next to ``target`` (one filesystem, so the rename is atomic), removed if left behind."""
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield temporary
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _write_new_file(path: Path, data: bytes, *, mode: int) -> None:
+    """Create ``path`` with ``mode`` from its first byte (no window in which a key is readable by others)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(path, mode)  # the umask may have taken bits away from a certificate's 0644

@@ -16,7 +16,6 @@ apt_packages=()
 if [ "$with_tests" = 1 ]; then
     command -v promtool >/dev/null || apt_packages+=(prometheus)
     command -v docker-compose >/dev/null || apt_packages+=(docker-compose)
-    command -v openssl >/dev/null || apt_packages+=(openssl)
 fi
 if [ "${#apt_packages[@]}" -gt 0 ]; then
     echo "installing ${apt_packages[*]} (apt-get)"
