@@ -296,9 +296,9 @@ def test_the_final_model_file_holds_every_wire_dtype(tmp_path: Path) -> None:
     raw = (tmp_path / "final_model.safetensors").read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     assert header.pop("__metadata__") == {"version": "3"}
-    assert list(header) == list(DTYPES)
-    sizes = [end - start for start, end in (entry["data_offsets"] for entry in header.values())]
-    assert sizes == [2 * torch.empty((), dtype=dtype).element_size() for dtype in DTYPES.values()]
+    assert set(header) == set(DTYPES)
+    sizes = {name: entry["data_offsets"][1] - entry["data_offsets"][0] for name, entry in header.items()}
+    assert sizes == {name: 2 * torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
 
 
 def test_final_model_file_reads_back_bit_exact(tmp_path: Path) -> None:
@@ -321,7 +321,7 @@ def test_final_model_file_reads_back_bit_exact(tmp_path: Path) -> None:
 
     # Assert
     assert metadata == {"version": "12"}
-    assert list(loaded) == list(tensors)
+    assert set(loaded) == set(tensors)
     for name, tensor in tensors.items():
         assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape
         assert torch.equal(loaded[name], tensor)
@@ -348,3 +348,16 @@ def test_the_wall_clock_budget_counts_from_the_runs_first_start_across_a_restart
     # Assert: 40 s after the restart, not 100
     assert still_running
     assert_run_stopped(second, "wall-clock budget of 100 s")
+
+
+def test_a_damaged_final_model_file_is_reported_as_a_model_file_error(tmp_path: Path) -> None:
+    # Prepare: a file cut short in the middle of its header
+    from coordinator.model_files import ModelFileError, read_safetensors
+
+    path = tmp_path / "final_model.safetensors"
+    write_safetensors(path, {"weight": torch.ones(3)}, {"version": "1"})
+    path.write_bytes(path.read_bytes()[:20])
+
+    # Execute / Assert
+    with pytest.raises(ModelFileError, match="not a readable safetensors file"):
+        read_safetensors(path)
