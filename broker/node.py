@@ -39,6 +39,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -54,7 +55,7 @@ from broker.errors import (
 )
 from broker.management import ManagementClient
 from broker.pika_transport import ConnectionSettings
-from broker.provisioning import amqp_url, amqps_url, read_toml, toml_string, write_private_file
+from broker.provisioning import amqp_url, amqps_url, read_toml, write_private_file, write_private_toml
 
 logger = logging.getLogger(__name__)
 
@@ -391,42 +392,42 @@ class LocalNode:
 
     def _write_admin_file(self) -> None:
         access, settings = self.access, self.settings
-        lines = [
-            "# How fedmq reaches and administers its RabbitMQ broker; written by `fedmq broker up`.",
-            "# It holds the administrator's password: keep it private (mode 0600).",
-            f"amqp_host = {toml_string(access.amqp_host)}",
-            f"amqp_port = {access.amqp_port}",
-            f"management_url = {toml_string(access.management_url)}",
-            f"prometheus_url = {toml_string(access.prometheus_url)}",
-            "",
-            "[admin]",
-            f"user = {toml_string(access.admin_user)}",
-            f"password = {toml_string(access.admin_password)}",
-            "",
-        ]
-        if access.tls is not None:
-            lines += [
-                "[tls]  # the administrator's AMQPS login: the CA and its client certificate (CN = the admin user)",
-                f"ca_file = {toml_string(str(access.tls.ca_file))}",
-                f"cert_file = {toml_string(str(access.tls.cert_file))}",
-                f"key_file = {toml_string(str(access.tls.key_file))}",
-                "",
-            ]
-        lines += [
-            "[node]",
-            f"name = {toml_string(self.node_name)}",
-            f"bind = {toml_string(settings.bind)}",
-            f"dist_port = {settings.dist_port}",
-            f"management_port = {settings.management_port}",
-            f"prometheus_port = {settings.prometheus_port}",
-            f"statistics_interval_ms = {settings.statistics_interval_ms}",
-            f"amqp_port = {settings.amqp_port}",
-            f"tls = {'true' if settings.tls else 'false'}",
-            f"amqps_port = {settings.amqps_port}",
-        ]
+        document: dict[str, Any] = {
+            "amqp_host": access.amqp_host,
+            "amqp_port": access.amqp_port,
+            "management_url": access.management_url,
+            "prometheus_url": access.prometheus_url,
+            "admin": {"user": access.admin_user, "password": access.admin_password},
+        }
+        if access.tls is not None:  # the administrator's AMQPS login: the CA and its client certificate
+            document["tls"] = {
+                "ca_file": str(access.tls.ca_file),
+                "cert_file": str(access.tls.cert_file),
+                "key_file": str(access.tls.key_file),
+            }
+        node: dict[str, Any] = {
+            "name": self.node_name,
+            "bind": settings.bind,
+            "dist_port": settings.dist_port,
+            "management_port": settings.management_port,
+            "prometheus_port": settings.prometheus_port,
+            "statistics_interval_ms": settings.statistics_interval_ms,
+            "amqp_port": settings.amqp_port,
+            "tls": settings.tls,
+            "amqps_port": settings.amqps_port,
+        }
         if settings.public_host:
-            lines.append(f"public_host = {toml_string(settings.public_host)}")
-        write_private_file(self.admin_file, "\n".join(lines) + "\n")
+            node["public_host"] = settings.public_host
+        document["node"] = node
+        write_private_toml(
+            self.admin_file,
+            document,
+            comments=[
+                "How fedmq reaches and administers its RabbitMQ broker; written by `fedmq broker up`.",
+                "It holds the administrator's password: keep it private (mode 0600). [tls], when present, is the",
+                "administrator's AMQPS login: the CA and its client certificate (CN = the admin user).",
+            ],
+        )
 
     def _listener_conf(self) -> list[str]:
         """The plain AMQP listener, or only an AMQPS one that wants a client certificate and logs in by its CN."""

@@ -17,16 +17,18 @@ credentials plus ``ca_file``, ``cert_file`` and ``key_file``.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import sys
 import tempfile
 import urllib.parse
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from broker import topology
 from broker.certs import CertificateStore, TlsFiles
@@ -90,11 +92,6 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:****@{host}"))
 
 
-def toml_string(value: str) -> str:
-    """A TOML basic string (JSON string escapes are a subset of TOML's)."""
-    return json.dumps(value, ensure_ascii=False)
-
-
 def write_private_file(path: Path, text: str) -> None:
     """Write atomically with mode 0600 from the first byte: these files hold passwords."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +105,12 @@ def write_private_file(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def write_private_toml(path: Path, document: Mapping[str, Any], *, comments: Iterable[str] = ()) -> None:
+    """``document`` as TOML (tomli-w), mode 0600, below comment lines that say what the file is."""
+    header = "".join(f"# {line}\n" for line in comments)
+    write_private_file(path, header + tomli_w.dumps(document))
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -145,38 +148,30 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _tls_lines(tls: TlsFiles, relative_to: Path | None) -> str:
+def _tls_table(tls: TlsFiles, relative_to: Path | None) -> dict[str, str]:
     def shown(path: Path) -> str:
         return os.path.relpath(path, relative_to) if relative_to is not None else str(path)
 
-    return (
-        f"ca_file = {toml_string(shown(tls.ca_file))}\n"
-        f"cert_file = {toml_string(shown(tls.cert_file))}\n"
-        f"key_file = {toml_string(shown(tls.key_file))}\n"
-    )
+    return {"ca_file": shown(tls.ca_file), "cert_file": shown(tls.cert_file), "key_file": shown(tls.key_file)}
 
 
 def _write_site_config(path: Path, site_id: str, url: str, tls: TlsFiles | None = None) -> None:
+    comments = [f"fedmq site agent configuration for {site_id}, written by `fedmq broker add-site` on {_now()}."]
+    broker: dict[str, str] = {"url": url}
     if tls is None:
-        secret = "# It holds this hospital's broker password: keep it private (mode 0600) and copy it only to the\n"
-        tls_text = ""
+        comments += [
+            "It holds this hospital's broker password: keep it private (mode 0600) and copy it only to the",
+            "machine that runs the site agent.",
+        ]
     else:
-        secret = "# It and the key it names are this hospital's identity: keep them private and copy them only to the\n"
-        tls_text = (
-            "# The broker knows this site by the CN of cert_file. Relative paths are read from this file's\n"
-            "# directory: point them at where the CA, the certificate and its key are installed.\n"
-            + _tls_lines(tls, relative_to=path.parent)
-        )
-    write_private_file(
-        path,
-        f"# fedmq site agent configuration for {site_id}, written by `fedmq broker add-site` on {_now()}.\n"
-        f"{secret}"
-        "# machine that runs the site agent.\n"
-        f"site_id = {toml_string(site_id)}\n"
-        "\n"
-        "[broker]\n"
-        f"url = {toml_string(url)}\n" + tls_text,
-    )
+        comments += [
+            "It and the key it names are this hospital's identity: keep them private and copy them only to the",
+            "machine that runs the site agent.",
+            "The broker knows this site by the CN of cert_file. Relative paths are read from this file's",
+            "directory: point them at where the CA, the certificate and its key are installed.",
+        ]
+        broker |= _tls_table(tls, relative_to=path.parent)
+    write_private_toml(path, {"site_id": site_id, "broker": broker}, comments=comments)
 
 
 def _create_certificate_user(management: ManagementClient, user: str, *, tags: list[str]) -> None:
@@ -337,11 +332,10 @@ def ensure_coordinator_user(
         _create_certificate_user(management, user, tags=[])
         management.apply_permissions(vhost, user, topology.coordinator_permissions())
         tls = certificates.ensure_client(user).files
-        write_private_file(
+        write_private_toml(
             path,
-            f"# broker identity of the fedmq coordinator, written by fedmq on {_now()}. Keep private.\n"
-            "[broker]\n"
-            f"url = {toml_string(amqps_url(amqp_host, amqp_port, vhost))}\n" + _tls_lines(tls, relative_to=None),
+            {"broker": {"url": amqps_url(amqp_host, amqp_port, vhost), **_tls_table(tls, relative_to=None)}},
+            comments=[f"broker identity of the fedmq coordinator, written by fedmq on {_now()}. Keep private."],
         )
         return path
     password = _password_from_config(path, user) if path.exists() else None
@@ -349,10 +343,9 @@ def ensure_coordinator_user(
         password = password or generate_password()
         management.create_user(user, password)
     management.apply_permissions(vhost, user, topology.coordinator_permissions())
-    write_private_file(
+    write_private_toml(
         path,
-        f"# broker credentials of the fedmq coordinator, written by fedmq on {_now()}. Keep private.\n"
-        "[broker]\n"
-        f"url = {toml_string(amqp_url(user, password, amqp_host, amqp_port, vhost))}\n",
+        {"broker": {"url": amqp_url(user, password, amqp_host, amqp_port, vhost)}},
+        comments=[f"broker credentials of the fedmq coordinator, written by fedmq on {_now()}. Keep private."],
     )
     return path
