@@ -33,9 +33,9 @@ from broker.provisioning import (
     ensure_coordinator_user,
     list_sites,
     read_broker_url,
-    redact_url,
     remove_site,
 )
+from broker.urls import redact_url
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -17,7 +17,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from broker import topology
 from broker.errors import BrokerNotReachable, DeclarationError
-from broker.provisioning import redact_url
+from broker.urls import redact_url
 
 
 def declare_site(channel: BlockingChannel, site_id: str) -> None:

@@ -37,6 +37,7 @@ from broker.transport import (
     TransportClosed,
     TransportConnectionError,
 )
+from broker.urls import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,7 @@ class ConnectionSettings:
 
     def safe_url(self) -> str:
         """The URL without its password, for logs."""
-        if "@" not in self.url:
-            return self.url
-        scheme, rest = self.url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
+        return redact_url(self.url)
 
     def parameters(self) -> pika.URLParameters:
         params = pika.URLParameters(self.url)

@@ -83,15 +83,6 @@ def amqps_url(host: str, port: int, vhost: str) -> str:
     return f"amqps://{netloc_host}:{port}/{urllib.parse.quote(vhost, safe='')}"
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password replaced, for printing and logging."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:****@{host}"))
-
-
 def write_private_file(path: Path, text: str) -> None:
     """Write atomically with mode 0600 from the first byte: these files hold passwords."""
     path.parent.mkdir(parents=True, exist_ok=True)
