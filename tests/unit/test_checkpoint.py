@@ -122,6 +122,63 @@ def test_an_unchanged_tensor_is_not_written_again_and_a_replaced_one_is_removed(
     assert torch.equal(loaded["model"]["kept"], torch.full((4,), 2.0))
 
 
+def test_a_tensor_edited_in_place_after_a_save_is_written_again(tmp_path: Path) -> None:
+    # Prepare: a tensor saved once, then changed in place (an optimiser step, ``add_``), also through a view
+    weight = torch.zeros(4)
+    store = CheckpointStore(tmp_path)
+    store.save({"params": {"w": weight}})
+
+    # Execute
+    weight.add_(1)
+    store.save({"params": {"w": weight}})
+    after_add = CheckpointStore(tmp_path).load()
+    weight[:2].mul_(3)
+    store.save({"params": {"w": weight}})
+    after_view_edit = CheckpointStore(tmp_path).load()
+
+    # Assert: a new process reads the edited values, not the first save's
+    assert after_add is not None and after_view_edit is not None
+    assert torch.equal(after_add["params"]["w"], torch.ones(4))
+    assert torch.equal(after_view_edit["params"]["w"], torch.tensor([3.0, 3.0, 1.0, 1.0]))
+
+
+def test_a_loaded_tensor_edited_in_place_is_written_again(tmp_path: Path) -> None:
+    # Prepare: a resumed process holds the tensors it loaded
+    CheckpointStore(tmp_path).save({"params": {"w": torch.zeros(3)}})
+    store = CheckpointStore(tmp_path)
+    loaded = store.load()
+    assert loaded is not None
+
+    # Execute
+    loaded["params"]["w"].add_(2)
+    store.save(loaded)
+
+    # Assert
+    reloaded = CheckpointStore(tmp_path).load()
+    assert reloaded is not None
+    assert torch.equal(reloaded["params"]["w"], torch.full((3,), 2.0))
+
+
+def test_torch_still_counts_in_place_edits_as_the_checkpoint_relies_on() -> None:
+    """The checkpoint skips a tensor it wrote before only while ``tensor._version`` (a torch internal) is unchanged.
+    If this fails, torch moved that counter: every save then rewrites everything (correct but slow) until
+    ``coordinator.checkpoint._edit_count`` reads the new one."""
+    # Prepare
+    tensor = torch.zeros(4)
+    view = tensor[1:3]
+    before = tensor._version
+
+    # Execute
+    tensor.add_(1)
+    after_add = tensor._version
+    view.mul_(2)
+
+    # Assert: an int, bumped by every in-place edit of the memory, whether through the tensor or a view of it
+    assert isinstance(before, int), "torch.Tensor._version is gone: see coordinator/checkpoint.py"
+    assert after_add > before
+    assert tensor._version > after_add and view._version == tensor._version
+
+
 def test_one_save_writes_one_file_however_many_tensors_changed(tmp_path: Path) -> None:
     # Prepare: a model with many tensors, as a ResNet's state has
     state = {"params": {f"layer{index}": torch.full((index + 1,), float(index)) for index in range(60)}}
