@@ -90,10 +90,16 @@ def read_in_frame_sized_chunks(connection: pika.BlockingConnection) -> None:
     4 KiB at a time is copied about 16 times over: receiving one 4 MB update costs ~60 MB of copying and most of a
     consumer's CPU (fixed upstream by pika PR #1653, not yet in a stable release). Frame-sized reads make a bare
     consumer of 1M-parameter updates about 3x faster (``fedmq bench throughput``, column "raw, frame reads").
+
+    Relies on pika 1.4 internals (``BlockingConnection._impl._transport._MAX_RECV_BYTES``), hence the pin to pika
+    1.4.x and ``tests/unit/test_pika_internals.py``; if they moved anyway, the connection works at pika's speed and
+    says so in the log.
     """
     stream = getattr(getattr(connection, "_impl", None), "_transport", None)
-    if stream is not None and hasattr(stream, "_MAX_RECV_BYTES"):
-        stream._MAX_RECV_BYTES = SOCKET_READ_BYTES
+    if stream is None or not hasattr(stream, "_MAX_RECV_BYTES"):
+        log.warning("pika %s has no _MAX_RECV_BYTES where 1.4 has it: reading 4 KiB at a time", pika.__version__)
+        return
+    stream._MAX_RECV_BYTES = SOCKET_READ_BYTES
 
 
 _CONNECTION_ERRORS = (
@@ -136,7 +142,8 @@ class PikaTransport(Transport):
 
     def _background_publisher(self) -> pika.channel.Channel:
         """A confirming channel that does not wait: the callback-style channel pika keeps under a blocking one
-        (``_impl``), whose confirms and returns arrive as callbacks while the connection is polled."""
+        (``_impl``, a pika 1.4 internal checked by ``tests/unit/test_pika_internals.py``), whose confirms and
+        returns arrive as callbacks while the connection is polled."""
         if self._closed:
             raise TransportClosed("transport is closed")
         if self._background_channel is None or not self._background_channel.is_open:

@@ -121,9 +121,10 @@ def test_bodies_across_frame_boundaries_arrive_byte_for_byte(
     coordinator.consume(Queue.COORDINATOR_UPDATES.value, handler, prefetch=len(bodies))
     poll_until(coordinator, lambda: len(received) == len(bodies))
 
-    # Assert
+    # Assert: intact, in order, and read a frame at a time (the pika internal took the setting)
     assert [delivery.message_id for delivery in received] == [str(number) for number in range(len(bodies))]
     assert [delivery.body for delivery in received] == bodies
+    assert coordinator._connection._impl._transport._MAX_RECV_BYTES == SOCKET_READ_BYTES
 
 
 def test_a_publish_without_waiting_arrives_and_a_refused_one_is_logged_not_raised(
