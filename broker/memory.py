@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker import topology
-from broker.transport import Delivery, Handler, PublishRefused, Transport, TransportClosed
+from broker.transport import ConsumeRefused, Delivery, Handler, PublishRefused, Transport, TransportClosed
 
 
 def topic_matches(pattern: str, key: str) -> bool:
@@ -108,7 +108,7 @@ class MemoryTransport(Transport):
 
     def consume(self, queue: str, handler: Handler, *, prefetch: int = 1) -> None:
         if queue not in self.broker.queues:
-            raise PublishRefused(f"no queue {queue!r}", 404)
+            raise ConsumeRefused(f"no queue {queue!r}", queue=queue, reply_code=404)
         self.consumers.append((queue, handler, prefetch))
 
     def ack(self, delivery: Delivery) -> None:

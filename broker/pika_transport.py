@@ -1,4 +1,5 @@
-"""The pika implementation of ``Transport``, and the reconnecting wrapper around whoever uses it.
+"""The pika implementation of ``Transport``, and the reconnecting wrapper (capped, jittered backoff) around whoever
+uses it.
 
 One BlockingConnection, owned by one thread, with up to three channels: one consumes, one publishes with publisher
 confirms and waits for them, and one publishes with confirms it does not wait for (``wait=False``: they arrive
@@ -9,8 +10,10 @@ module: they become ``TransportError``s.
 
 from __future__ import annotations
 
+import copy
 import logging
 import ssl
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,21 +24,18 @@ import pika.channel
 import pika.exceptions
 import pika.frame
 from pika.adapters.blocking_connection import BlockingChannel
-from tenacity import (
-    Retrying,
-    before_sleep_log,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_random_exponential,
-)
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
+from tenacity.wait import wait_base
 
 from broker.transport import (
+    ConsumeRefused,
     Delivery,
     Handler,
     PublishRefused,
     Transport,
     TransportClosed,
     TransportConnectionError,
+    TransportError,
 )
 from broker.urls import redact_url
 
@@ -225,7 +225,9 @@ class PikaTransport(Transport):
             channel.basic_consume(queue, on_message)
         except pika.exceptions.ChannelClosedByBroker as exc:
             self._consume_channel = None
-            raise PublishRefused(f"broker refused consuming {queue}: {exc.reply_text}", exc.reply_code) from exc
+            raise ConsumeRefused(
+                f"broker refused consuming {queue}: {exc.reply_text}", queue=queue, reply_code=exc.reply_code
+            ) from exc
         except _CONNECTION_ERRORS as exc:
             raise TransportConnectionError(f"connection lost while subscribing to {queue}: {exc!r}") from exc
 
@@ -273,25 +275,61 @@ def _log_return(
 
 ResultT = TypeVar("ResultT")
 
+HEALTHY_SESSION_SECONDS = 10.0  # a session that lasted this long had a working connection: start the backoff afresh
+RECONNECT_MIN_WAIT_SECONDS = 0.2  # even the first retry waits a little: a refusal repeats at once otherwise
+STOP_CHECK_SECONDS = 0.1
 
-def connect_with_retry(
-    settings: ConnectionSettings,
-    *,
-    max_wait_seconds: float = 30.0,
-    give_up_after_seconds: float | None = None,
-    connect: Callable[[ConnectionSettings], PikaTransport] = PikaTransport.connect,
-) -> PikaTransport:
-    """Connect, retrying with capped, jittered exponential backoff while the broker is unreachable."""
-    retrying = Retrying(
-        retry=retry_if_exception_type(TransportConnectionError),
-        wait=wait_random_exponential(multiplier=0.5, max=max_wait_seconds),
-        stop=stop_after_delay(give_up_after_seconds) if give_up_after_seconds is not None else (lambda _: False),
-        before_sleep=before_sleep_log(log, logging.WARNING),
-        reraise=True,
-    )
-    transport: PikaTransport = retrying(connect, settings)
-    log.info("connected to %s", settings.safe_url())
-    return transport
+
+class SessionBackoff(wait_base):
+    """A tenacity wait: capped, jittered exponential backoff over the sessions that failed in a row.
+
+    A session that ran at least ``healthy_after_seconds`` was a working connection that dropped, so the count
+    starts again and the next connect comes quickly. One that failed at once (a deleted queue, a refused login:
+    the connect succeeds and the session dies in milliseconds) makes each next wait longer, up to the cap, instead
+    of opening thousands of connections a second.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_wait_seconds: float,
+        healthy_after_seconds: float = HEALTHY_SESSION_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._jittered = wait_random_exponential(
+            multiplier=0.5, min=min(RECONNECT_MIN_WAIT_SECONDS, max_wait_seconds), max=max_wait_seconds
+        )
+        self._healthy_after_seconds = healthy_after_seconds
+        self._clock = clock
+        self._started = clock()
+        self.failures_in_a_row = 0
+
+    def session_started(self) -> None:
+        self._started = self._clock()
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        ran_for = self._clock() - self._started
+        self.failures_in_a_row = 1 if ran_for >= self._healthy_after_seconds else self.failures_in_a_row + 1
+        counted = copy.copy(retry_state)
+        counted.attempt_number = self.failures_in_a_row
+        return float(self._jittered(counted))
+
+
+def _sleep_unless_stopped(should_stop: Callable[[], bool]) -> Callable[[float], None]:
+    """A sleep that ends early when ``should_stop`` turns true, so SIGTERM is not kept waiting for a backoff."""
+
+    def sleep(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not should_stop() and (remaining := deadline - time.monotonic()) > 0:
+            time.sleep(min(STOP_CHECK_SECONDS, remaining))
+
+    return sleep
+
+
+def _log_reconnect(retry_state: RetryCallState) -> None:
+    error = retry_state.outcome.exception() if retry_state.outcome is not None else None
+    wait = retry_state.next_action.sleep if retry_state.next_action is not None else 0.0
+    log.warning("broker session ended (%s); connecting again in %.1f s", error, wait)
 
 
 def run_reconnecting(
@@ -300,18 +338,42 @@ def run_reconnecting(
     *,
     should_stop: Callable[[], bool],
     max_wait_seconds: float = 30.0,
+    retry_on: tuple[type[TransportError], ...] = (TransportConnectionError,),
+    healthy_after_seconds: float = HEALTHY_SESSION_SECONDS,
+    connect: Callable[[ConnectionSettings], PikaTransport] = PikaTransport.connect,
 ) -> ResultT | None:
-    """Run ``session`` on a fresh connection; when the connection drops, reconnect (with backoff) and run it again.
+    """Connect and run ``session``; when either ends in one of ``retry_on``, wait and do both again.
 
-    ``session`` returns when its work is finished; a ``TransportConnectionError`` from it means "connection lost".
-    Unacked deliveries return to their queues when a connection dies, so the next session sees them again.
+    ``session`` returns when its work is finished; a ``TransportConnectionError`` from it or from the connect means
+    "connection lost or not there yet". A site also passes ``ConsumeRefused`` (its queue is not provisioned yet, or
+    was deleted): it waits for an operator rather than exit. One ``SessionBackoff`` spans connect and session, so a
+    session that fails at once is retried ever more slowly, not in a loop. Unacked deliveries return to their
+    queues when a connection dies, so the next session sees them again. None when stopped before finishing.
     """
-    while not should_stop():
-        transport = connect_with_retry(settings, max_wait_seconds=max_wait_seconds)
+    backoff = SessionBackoff(max_wait_seconds=max_wait_seconds, healthy_after_seconds=healthy_after_seconds)
+
+    def one_session() -> ResultT | None:
+        if should_stop():  # told to stop during the last wait
+            return None
+        backoff.session_started()
+        transport = connect(settings)
+        log.info("connected to %s", settings.safe_url())
         try:
             return session(transport)
-        except TransportConnectionError as exc:
-            log.warning("connection to the broker lost (%s); reconnecting", exc)
         finally:
             transport.close()
-    return None
+
+    retrying = Retrying(
+        retry=retry_if_exception_type(retry_on),
+        wait=backoff,
+        stop=lambda _retry_state: should_stop(),
+        sleep=_sleep_unless_stopped(should_stop),
+        before_sleep=_log_reconnect,
+        reraise=True,
+    )
+    try:
+        return retrying(one_session)
+    except retry_on:
+        if should_stop():
+            return None
+        raise

@@ -9,6 +9,8 @@ Errors::
     TransportError                 root
     ├── TransportConnectionError   the connection is gone or could not be opened (reconnect and carry on)
     ├── PublishRefused             the broker refused one message (nack, unroutable, access refused); has reply_code
+    ├── ConsumeRefused             the broker refused to deliver a queue: no such queue (404) or no right to read it
+    │                              (403); a provisioning problem, not a lost connection; has reply_code and queue
     └── TransportClosed            used after close()
 """
 
@@ -31,6 +33,16 @@ class TransportConnectionError(TransportError):
 class PublishRefused(TransportError):
     def __init__(self, message: str, reply_code: int | None = None) -> None:
         super().__init__(message)
+        self.reply_code = reply_code
+
+
+class ConsumeRefused(TransportError):
+    """Consuming a queue was refused: the queue is missing (404 NOT_FOUND) or this login may not read it (403
+    ACCESS_REFUSED). It lasts until someone provisions the site again, so retrying at once cannot help."""
+
+    def __init__(self, message: str, *, queue: str, reply_code: int | None = None) -> None:
+        super().__init__(message)
+        self.queue = queue
         self.reply_code = reply_code
 
 
@@ -76,7 +88,8 @@ class Transport(ABC):
 
     @abstractmethod
     def consume(self, queue: str, handler: Handler, *, prefetch: int = 1) -> None:
-        """Deliver the queue's messages to handler (inside ``poll``); the handler must ack each one."""
+        """Deliver the queue's messages to handler (inside ``poll``); the handler must ack each one. Raise
+        ConsumeRefused when the queue is missing or this login may not read it."""
 
     @abstractmethod
     def ack(self, delivery: Delivery) -> None:

@@ -13,7 +13,7 @@ import threading
 import torch
 
 from broker.pika_transport import ConnectionSettings, PikaTransport, run_reconnecting
-from broker.transport import PublishRefused, TransportConnectionError
+from broker.transport import ConsumeRefused, TransportConnectionError
 from site_agent.agent import LocalTrainer, SiteAgent, UpdateCounter
 from site_agent.config import SiteConfig
 from site_agent.tasks.registry import task_from_options
@@ -55,10 +55,7 @@ def run(config: SiteConfig, agent: SiteAgent, stop: threading.Event) -> None:
     settings = connection_settings(config)
 
     def session(transport: PikaTransport) -> None:
-        try:
-            agent.attach(transport)
-        except PublishRefused as exc:  # e.g. the inbox is not declared yet: wait for provisioning
-            raise TransportConnectionError(f"cannot read this site's queues yet: {exc}") from exc
+        agent.attach(transport)
         log.info("connected; waiting for the global model")
         while not stop.is_set() and not agent.stopped:
             transport.poll(POLL_SECONDS)
@@ -71,6 +68,8 @@ def run(config: SiteConfig, agent: SiteAgent, stop: threading.Event) -> None:
             session,
             should_stop=lambda: stop.is_set() or agent.stopped,
             max_wait_seconds=config.agent.reconnect_max_wait_seconds,
+            # the inbox not declared yet, or deleted: wait (ever longer) for provisioning rather than exit
+            retry_on=(TransportConnectionError, ConsumeRefused),
         )
     finally:
         agent.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -13,7 +14,7 @@ import pytest
 
 from broker.pika_transport import SOCKET_READ_BYTES, ConnectionSettings, PikaTransport, run_reconnecting
 from broker.topology import BROADCAST_SITE, Exchange, Kind, Queue, routing_key, site_inbox
-from broker.transport import Delivery, PublishRefused
+from broker.transport import ConsumeRefused, Delivery, PublishRefused, TransportConnectionError
 
 if TYPE_CHECKING:
     from tests.integration.conftest import BrokerEnv
@@ -23,6 +24,7 @@ NOT_FOUND = 404
 PRECONDITION_FAILED = 406
 NO_ROUTE = 312
 WAIT_SECONDS = 15.0
+REFUSED_WINDOW_SECONDS = 5.0
 
 
 @pytest.fixture
@@ -255,3 +257,58 @@ def test_run_reconnecting_survives_the_broker_closing_the_connection(broker_env:
     assert sessions == [1, 2]
     assert received == [b"model v1"]
     assert results == ["finished"] and not runner.is_alive()
+
+
+def test_consuming_a_deleted_queue_is_refused_as_such_and_not_as_a_publish(
+    broker_env: BrokerEnv, open_transports: Callable[[str], PikaTransport]
+) -> None:
+    # Prepare: the site's inbox was deleted (by an operator, or a remove-site half done)
+    site = broker_env.add_site(SITE)
+    broker_env.management.delete_queue(broker_env.vhost, site_inbox(SITE))
+    transport = open_transports(site.url)
+
+    # Execute
+    with pytest.raises(ConsumeRefused) as refused:
+        transport.consume(site_inbox(SITE), lambda delivery: None)
+
+    # Assert
+    assert not isinstance(refused.value, PublishRefused)
+    assert (refused.value.queue, refused.value.reply_code) == (site_inbox(SITE), NOT_FOUND)
+
+
+def test_a_session_refused_at_once_is_retried_a_handful_of_times_not_thousands(broker_env: BrokerEnv) -> None:
+    """The connect succeeds and the session fails within milliseconds (its queue is gone): without one backoff
+    around the whole session this reconnected in a loop, hundreds of sessions a second against the broker."""
+    # Prepare: a site whose inbox was deleted, run as the site agent runs (a refused consume is waited out)
+    site = broker_env.add_site(SITE)
+    broker_env.management.delete_queue(broker_env.vhost, site_inbox(SITE))
+    settings = ConnectionSettings(url=site.url, connection_name="fedmq-test-refused")
+    stop = threading.Event()
+    sessions: list[float] = []
+
+    def session(transport: PikaTransport) -> None:
+        sessions.append(time.monotonic())
+        transport.consume(site_inbox(SITE), lambda delivery: None)
+        while not stop.is_set():
+            transport.poll(0.1)
+
+    runner = threading.Thread(
+        target=run_reconnecting,
+        args=(settings, session),
+        kwargs={
+            "should_stop": stop.is_set,
+            "max_wait_seconds": 30,
+            "retry_on": (TransportConnectionError, ConsumeRefused),
+        },
+    )
+
+    # Execute
+    runner.start()
+    time.sleep(REFUSED_WINDOW_SECONDS)
+    stop.set()
+    runner.join(timeout=WAIT_SECONDS)
+
+    # Assert: a handful of sessions, each wait no shorter than the minimum, and a prompt exit when told to stop
+    assert 2 <= len(sessions) <= 12, f"{len(sessions)} sessions in {REFUSED_WINDOW_SECONDS:.0f} s"
+    assert all(later - earlier >= 0.15 for earlier, later in itertools.pairwise(sessions))
+    assert not runner.is_alive()
