@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from fedmq.demo import ProcessGroup
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -36,19 +38,17 @@ def append_site_tables(
     The site id must be one of the four Fed-Heart-Disease hospitals (cleveland, hungary, switzerland,
     long-beach): the task reads that hospital's packaged data.
     """
+    tables = {
+        "task": {"name": "heart-disease"},
+        "agent": {
+            "seed": seed,
+            "slowdown": slowdown,
+            "heartbeat_seconds": heartbeat_seconds,
+            "reconnect_max_wait_seconds": reconnect_max_wait_seconds,
+        },
+    }
     with config_path.open("a") as handle:
-        handle.write(
-            f"""
-[task]
-name = "heart-disease"
-
-[agent]
-seed = {seed}
-slowdown = {slowdown}
-heartbeat_seconds = {heartbeat_seconds}
-reconnect_max_wait_seconds = {reconnect_max_wait_seconds}
-"""
-        )
+        handle.write("\n" + tomli_w.dumps(tables))
     return config_path
 
 
