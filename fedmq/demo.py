@@ -294,7 +294,7 @@ def results_table(summary: dict[str, Any], strategy: str, flamby_pooled: float |
     final model, with the data all four hospitals hold); the coordinator, which sees no data, reports the
     accuracy over all test patients with each hospital's own normalisation (the test-size-weighted mean).
     """
-    from site_agent.tasks.heart_disease import read_flamby_baselines
+    from tasks.heart_disease import read_flamby_baselines
 
     baselines = read_flamby_baselines()
     columns = [
@@ -342,7 +342,7 @@ def flamby_pooled_accuracy(model_path: Path) -> float | None:
     if not model_path.exists():
         return None
     from coordinator.model_files import read_safetensors
-    from site_agent.tasks.heart_disease import HeartDiseaseTask, load_pooled
+    from tasks.heart_disease import HeartDiseaseTask, load_pooled
 
     task = HeartDiseaseTask()
     model = task.build_model()

@@ -40,7 +40,7 @@ from schemas import (
     SiteState,
     TrainingMetrics,
 )
-from site_agent.tasks.base import SiteData, Task, architecture_digest
+from tasks.base import SiteData, Task, architecture_digest
 
 MessageT = TypeVar("MessageT", bound=Message)
 

@@ -32,7 +32,7 @@ import torch
 
 from fedmq.bench.heart import HeartReferee, initial_heart_model, train_like_a_site_agent, warm_up
 from schemas import TrainingConfig
-from site_agent.tasks.heart_disease import HeartDiseaseTask, load_site
+from tasks.heart_disease import HeartDiseaseTask, load_site
 
 PARAMETER_NAMES = ("linear.weight", "linear.bias")
 READY_MARKER = "fedmq-bench: client ready"  # printed once warmed up, right before connecting

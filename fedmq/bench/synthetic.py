@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from fedmq.bench.codec import resnet18_layer_shapes
 from schemas import ModelUpdate, TrainingMetrics
-from site_agent.tasks.base import SiteData, Task
-from site_agent.tasks.errors import TaskDataError
+from tasks.base import SiteData, Task
+from tasks.errors import TaskDataError
 
 PLACEHOLDER_UPDATE_ID = "00000000-0000-4000-8000-00000000b0b0"
 FIRST_SEQ = 1 << 16  # from here to 2**32 - 1 msgpack writes every seq as uint32 (0xce + 4 bytes): fixed width

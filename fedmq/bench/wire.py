@@ -52,9 +52,9 @@ from fedmq.bench.heart import HeartReferee, Scores
 from fedmq.bench.straggler import FederationPlan, RunResult, fedmq_plan, run_fedmq
 from fedmq.bench.synthetic import model_tensors
 from schemas import COMPRESSIONS, ModelUpdate, TrainingMetrics
-from site_agent.tasks.base import SiteData
-from site_agent.tasks.heart_disease import HeartDiseaseTask
-from site_agent.tasks.image_cnn import ImageCnnTask
+from tasks.base import SiteData
+from tasks.heart_disease import HeartDiseaseTask
+from tasks.image_cnn import ImageCnnTask
 
 HELP = "wire bytes per update / raw tensor bytes, and float16/int8 size ratios and accuracy cost"
 SIZE_GOAL = 1.01

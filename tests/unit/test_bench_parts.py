@@ -16,7 +16,7 @@ from fedmq.bench.synthetic import FIRST_SEQ, UpdateTemplate, model_tensors
 from fedmq.bench.wire import IMAGE_CLASSES, IMAGE_SITES, write_medmnist_like
 from fedmq.cli import main
 from schemas import DecodeLimits, ModelUpdate
-from site_agent.tasks.image_cnn import ImageCnnTask
+from tasks.image_cnn import ImageCnnTask
 
 
 def test_a_rerun_replaces_only_its_own_section_of_the_benchmarks_file(tmp_path: Path) -> None:

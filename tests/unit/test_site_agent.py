@@ -41,8 +41,8 @@ from schemas import (
 )
 from schemas.tensors import decode_tensor
 from site_agent.agent import LocalTrainer, SiteAgent, UpdateCounter
-from site_agent.tasks.base import SiteData, TrainResult, architecture_digest
-from site_agent.tasks.heart_disease import HeartDiseaseTask, load_raw_site, load_site
+from tasks.base import SiteData, TrainResult, architecture_digest
+from tasks.heart_disease import HeartDiseaseTask, load_raw_site, load_site
 
 SITE = "cleveland"
 FAST_TRAINING = TrainingConfig(local_steps=10, learning_rate=0.05, batch_size=8)
