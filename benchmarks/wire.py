@@ -30,8 +30,7 @@ import numpy as np
 import pika
 import torch
 
-from broker.topology import Exchange, Kind, routing_key
-from fedmq.bench.harness import (
+from benchmarks.harness import (
     BenchBroker,
     add_common_arguments,
     bench_broker,
@@ -48,9 +47,10 @@ from fedmq.bench.harness import (
     save_figure,
     with_plot,
 )
-from fedmq.bench.heart import HeartReferee, Scores
-from fedmq.bench.straggler import FederationPlan, RunResult, fedmq_plan, run_fedmq
-from fedmq.bench.synthetic import model_tensors
+from benchmarks.heart import HeartReferee, Scores
+from benchmarks.straggler import FederationPlan, RunResult, fedmq_plan, run_fedmq
+from benchmarks.synthetic import model_tensors
+from broker.topology import Exchange, Kind, routing_key
 from schemas import COMPRESSIONS, ModelUpdate, TrainingMetrics
 from tasks.base import SiteData
 from tasks.heart_disease import HeartDiseaseTask

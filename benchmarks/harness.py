@@ -84,9 +84,11 @@ def load_average() -> str:
 
 
 def command_line(arguments: Sequence[str] | None = None) -> str:
-    """``fedmq bench ...`` as it was invoked, for the reproduce line of a section."""
+    """The command as it was invoked (``fedmq bench ...`` or ``python -m benchmarks ...``), for the reproduce
+    line of a section."""
     words = list(sys.argv[1:] if arguments is None else arguments)
-    return "fedmq " + " ".join(words)
+    program = "python -m benchmarks" if Path(sys.argv[0]).parent.name == "benchmarks" else "fedmq"
+    return " ".join([program, *words])
 
 
 # -------------------------------------------------------------------------------------------------- the doc
