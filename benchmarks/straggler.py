@@ -83,7 +83,6 @@ DEFAULT_SLOW_SITE = "switzerland"
 DEFAULT_SLOWDOWN = 10.0
 POOLED_TARGET = 0.75
 MEAN_TARGET = 0.70
-GOAL_SPEEDUP = 3.0
 FIRST_MODEL_TIMEOUT = 90.0
 FEDMQ_READY_MARKER = "connected; waiting for the global model"  # site_agent.runner logs it once connected
 

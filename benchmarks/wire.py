@@ -148,10 +148,6 @@ class WireRow:
     def wire_ratio(self) -> float:
         return self.wire_bytes / self.raw_bytes
 
-    @property
-    def overhead_bytes(self) -> float:
-        return self.wire_bytes - self.body_bytes
-
 
 def _update(delta: dict[str, torch.Tensor]) -> ModelUpdate:
     return ModelUpdate(

@@ -17,7 +17,6 @@ from enum import Enum
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
-import torch
 
 from schemas.errors import FieldError, MalformedMessage, MessageTooLarge, SchemaError, UnknownSchemaVersion
 from schemas.tensors import Params, decode_tensors, encode_tensors
@@ -330,10 +329,6 @@ class Message:
 
 def now() -> float:
     return time.time()
-
-
-def _tensor_map(value: Mapping[str, torch.Tensor]) -> Params:
-    return dict(value)
 
 
 @dataclass(frozen=True, eq=False)

@@ -5,7 +5,7 @@
 ``heart-disease`` (FLamby Fed-Heart-Disease, shipped), ``image-cnn`` (MedMNIST .npz), ``tabular-csv``.
 """
 
-from tasks.base import SiteData, Task, TrainResult, architecture_digest, model_fingerprint
+from tasks.base import SiteData, Task, TrainResult, architecture_digest
 from tasks.errors import (
     TaskConfigError,
     TaskDataError,
@@ -15,7 +15,6 @@ from tasks.errors import (
 )
 from tasks.registry import (
     TaskRegistry,
-    available_tasks,
     get_task,
     register_task,
     task_from_options,
@@ -32,9 +31,7 @@ __all__ = [
     "TrainingDivergedError",
     "UnknownTaskError",
     "architecture_digest",
-    "available_tasks",
     "get_task",
-    "model_fingerprint",
     "register_task",
     "task_from_options",
 ]

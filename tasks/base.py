@@ -105,11 +105,6 @@ def architecture_digest(model: nn.Module) -> str:
     return hashlib.sha256(json.dumps(description, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
-def model_fingerprint(task_name: str, model: nn.Module) -> str:
-    """``<task name>@<architecture digest>``: a site refuses a global model whose fingerprint differs from its own."""
-    return f"{task_name}@{architecture_digest(model)}"
-
-
 def _model_device(model: nn.Module) -> torch.device:
     for parameter in model.parameters():
         return parameter.device

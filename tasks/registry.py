@@ -165,11 +165,6 @@ def get_task(name: str, **kwargs: Any) -> Task:
     return DEFAULT_REGISTRY.create(name, **kwargs)
 
 
-def available_tasks() -> list[str]:
-    """Names ``get_task`` accepts besides dotted paths."""
-    return DEFAULT_REGISTRY.available()
-
-
 def task_from_options(options: Mapping[str, Any]) -> Task:
     """The task of a ``[task]`` table: ``name`` picks it, keys naming constructor parameters configure it."""
     return DEFAULT_REGISTRY.create_from_options(options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -42,6 +43,16 @@ def test_help_imports_neither_torch_nor_matplotlib(command: list[str], tmp_path:
     assert result.returncode == 0, result.stderr
     assert "usage: fedmq" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    # Execute
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+
+    # Assert
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fedmq {importlib.metadata.version('fedmq')}"
 
 
 def test_bench_without_the_benchmarks_folder_says_how_to_get_it(

@@ -7,6 +7,7 @@ The patient-data tests capture every byte the agent publishes and search it for 
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import re
 import threading
@@ -350,6 +351,7 @@ def test_first_turn_sends_a_heartbeat_with_the_sites_identity(harness: Harness) 
     # Assert
     heartbeats = harness.heartbeats()
     assert [(beat.site_id, beat.state) for beat in heartbeats] == [(SITE, SiteState.IDLE)]
+    assert heartbeats[0].agent_version == importlib.metadata.version("fedmq")
     assert harness.status_deliveries(Kind.HEARTBEAT)[0].user_id == SITE
 
 

@@ -23,10 +23,9 @@ from tasks import (
     TrainingDivergedError,
     UnknownTaskError,
     get_task,
-    model_fingerprint,
     task_from_options,
 )
-from tasks.base import minibatch_indices
+from tasks.base import architecture_digest, minibatch_indices
 from tasks.heart_disease import (
     FEATURE_NAMES,
     SITE_FILES,
@@ -263,7 +262,7 @@ def test_minibatches_visit_every_example_once_per_epoch() -> None:
     assert sorted(torch.cat(batches[3:]).tolist()) == list(range(10))
 
 
-def test_model_fingerprint_depends_on_architecture_not_on_weights() -> None:
+def test_architecture_digest_depends_on_architecture_not_on_weights() -> None:
     # Prepare
     torch.manual_seed(0)
     heart_a = HeartDiseaseTask().build_model()
@@ -273,10 +272,9 @@ def test_model_fingerprint_depends_on_architecture_not_on_weights() -> None:
     tabular_mlp = TabularCsvTask(num_features=13, model="mlp").build_model()
 
     # Execute / Assert
-    assert model_fingerprint("heart-disease", heart_a) == model_fingerprint("heart-disease", heart_b)
-    assert model_fingerprint("heart-disease", heart_a).startswith("heart-disease@")
-    assert model_fingerprint("x", tabular_logistic) != model_fingerprint("x", tabular_mlp)
-    assert model_fingerprint("x", heart_a) != model_fingerprint("y", heart_a)
+    assert architecture_digest(heart_a) == architecture_digest(heart_b)
+    assert architecture_digest(tabular_logistic) != architecture_digest(tabular_mlp)
+    assert architecture_digest(heart_a) != architecture_digest(tabular_logistic)
 
 
 # ------------------------------------------------------------------------------------------- partitions
