@@ -12,6 +12,7 @@ import pytest
 
 import fedmq.bench
 from fedmq.cli import main
+from fedmq.safe_path import drop_working_directory
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "matplotlib")
@@ -80,3 +81,48 @@ def test_the_benchmarks_run_as_a_module_of_the_checkout(tmp_path: Path, capsys: 
     # Assert
     assert exit_code == 0
     assert "float16" in capsys.readouterr().out
+
+
+def test_a_working_directory_with_modules_named_like_fedmqs_cannot_shadow_them(tmp_path: Path) -> None:
+    # Prepare: a user's own broker.py, schemas.py, tasks.py and coordinator.py that fail loudly when imported
+    for name in ("broker", "schemas", "tasks", "coordinator", "site_agent"):
+        (tmp_path / f"{name}.py").write_text(f"raise RuntimeError('the working directory shadowed {name}')\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # fedmq from this checkout, as if installed
+
+    # Execute
+    results = [
+        subprocess.run(
+            [sys.executable, "-m", "fedmq", *command, "--help"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        for command in ([], ["broker"], ["status"])
+    ]
+
+    # Assert
+    for result in results:
+        assert result.returncode == 0, result.stderr
+        assert "usage: fedmq" in result.stdout
+        assert "shadowed" not in result.stderr
+
+
+def test_the_working_directory_stays_on_the_path_only_for_a_source_checkout_run_from_it(tmp_path: Path) -> None:
+    # Prepare
+    checkout = tmp_path / "checkout"
+    (checkout / "fedmq").mkdir(parents=True)
+    package_file = str(checkout / "fedmq" / "__main__.py")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    path = ["", str(elsewhere), str(checkout), "/usr/lib/python3/dist-packages"]
+
+    # Execute
+    from_checkout = drop_working_directory(path, package_file, str(checkout))
+    from_elsewhere = drop_working_directory(path, package_file, str(elsewhere))
+
+    # Assert: in the checkout its own directory is fedmq's; anywhere else the working directory ('' too) goes
+    assert from_checkout == path
+    assert from_elsewhere == [str(checkout), "/usr/lib/python3/dist-packages"]
