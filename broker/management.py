@@ -174,10 +174,6 @@ class ManagementClient:
         permissions: list[dict[str, Any]] = self.request("GET", f"vhosts/{_segment(vhost)}/permissions")
         return permissions
 
-    def list_topic_permissions(self, vhost: str) -> list[dict[str, Any]]:
-        permissions: list[dict[str, Any]] = self.request("GET", f"vhosts/{_segment(vhost)}/topic-permissions")
-        return permissions
-
     # connections
 
     def list_connections(self, *, vhost: str | None = None, user: str | None = None) -> list[ConnectionInfo]:
@@ -209,10 +205,6 @@ class ManagementClient:
 
     def list_queues(self, vhost: str) -> list[QueueInfo]:
         return [_queue_info(item) for item in self.request("GET", f"queues/{_segment(vhost)}")]
-
-    def get_queue(self, vhost: str, name: str) -> QueueInfo | None:
-        item = self._get_or_none(f"queues/{_segment(vhost)}/{_segment(name)}")
-        return None if item is None else _queue_info(item)
 
     def declare_queue(self, vhost: str, spec: QueueSpec) -> None:
         """Idempotent for the same arguments; other arguments for an existing queue are refused (HTTP 400)."""

@@ -58,7 +58,7 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 def resolve_config(args: argparse.Namespace) -> CoordinatorConfig:
     """The file, with the state dir and (when the file names none) the provisioned sites filled in."""
-    from coordinator.config import load_config
+    from coordinator.runner import load_config
 
     config = load_config(args.config)
     if args.config is None or "state_dir" not in read_toml_keys(args.config):

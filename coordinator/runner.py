@@ -18,16 +18,17 @@ from broker.declare import declare_topology_at
 from broker.errors import BrokerNotReachable
 from broker.pika_transport import ConnectionSettings, PikaTransport, run_reconnecting
 from broker.transport import TransportConnectionError
+from coordinator import config as config_file
 from coordinator.aggregation import build_strategy
 from coordinator.audit import AuditLog
 from coordinator.checkpoint import CheckpointStore
-from coordinator.config import CoordinatorConfig
+from coordinator.config import ConfigError, CoordinatorConfig
 from coordinator.evaluation import EvaluationBook
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import Coordinator
-from schemas import ModelFingerprint
-from site_agent.tasks.base import architecture_digest
-from site_agent.tasks.registry import task_from_options
+from schemas import FieldError, ModelFingerprint
+from tasks.base import architecture_digest
+from tasks.registry import task_from_options
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,16 @@ def state_paths(config: CoordinatorConfig) -> dict[str, Path]:
         "summary": directory / "run_summary.json",
         "final_model": directory / "final_model.safetensors",
     }
+
+
+def load_config(path: Path | None) -> CoordinatorConfig:
+    """coordinator.toml, where a ``[training]`` value no site could train with (``TrainingConfig`` refuses it when
+    made) is a ``ConfigError`` naming the key: the program stops before it connects, instead of broadcasting a
+    config every hospital then fails on, on every version."""
+    try:
+        return config_file.load_config(path)
+    except FieldError as exc:
+        raise ConfigError(f"{path}: [training] {exc.field}: {exc.reason}") from None
 
 
 def build_coordinator(config: CoordinatorConfig, registry: CollectorRegistry) -> Coordinator:

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedmq import __version__
+
 DEFAULT_STATE_DIR = Path(".fedmq")
 STATE_DIR_ENV = "FEDMQ_STATE_DIR"
 
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: ${STATE_DIR_ENV} or {DEFAULT_STATE_DIR})",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("--version", action="version", version=f"fedmq {__version__}")
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in SUBCOMMAND_MODULES:
         try:

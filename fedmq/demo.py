@@ -11,6 +11,7 @@ Everything it writes stays under the state dir.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from broker.node import free_tcp_ports
 from fedmq.status import FederationStatus, StatusError, federation_status, fetch_metrics_text, read_samples
 
 HEART_SITES = ("cleveland", "hungary", "switzerland", "long-beach")
+PLOTS_MISSING = "matplotlib is not installed; pip install 'fedmq[plots]' (or bash scripts/install.sh --demo) draws it"
 STRATEGIES = ("fedbuff", "fedasync", "fedavg-sync")
 
 # Tuned on the four hospitals over seeds 0-4, evenly fast and with switzerland 10x slower. FedBuff: FedOpt's Adam
@@ -157,7 +159,7 @@ def demo_command(args: argparse.Namespace) -> int:
 
 
 def fedmq_command(state_dir: Path, *arguments: str) -> list[str]:
-    return [sys.executable, "-m", "fedmq.cli", "--state-dir", str(state_dir), *arguments]
+    return [sys.executable, "-m", "fedmq", "--state-dir", str(state_dir), *arguments]
 
 
 class ProcessGroup:
@@ -294,7 +296,7 @@ def results_table(summary: dict[str, Any], strategy: str, flamby_pooled: float |
     final model, with the data all four hospitals hold); the coordinator, which sees no data, reports the
     accuracy over all test patients with each hospital's own normalisation (the test-size-weighted mean).
     """
-    from site_agent.tasks.heart_disease import read_flamby_baselines
+    from tasks.heart_disease import read_flamby_baselines
 
     baselines = read_flamby_baselines()
     columns = [
@@ -342,7 +344,7 @@ def flamby_pooled_accuracy(model_path: Path) -> float | None:
     if not model_path.exists():
         return None
     from coordinator.model_files import read_safetensors
-    from site_agent.tasks.heart_disease import HeartDiseaseTask, load_pooled
+    from tasks.heart_disease import HeartDiseaseTask, load_pooled
 
     task = HeartDiseaseTask()
     model = task.build_model()
@@ -371,9 +373,14 @@ def complete_evaluations(history: list[dict[str, Any]], num_sites: int) -> list[
     return [rows[version] for version in sorted(rows)]
 
 
+def plots_available() -> bool:
+    """matplotlib is an extra (``fedmq[plots]``): a hospital's agent never draws, the demo does."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot_progress(history: list[dict[str, Any]], started_at: float, path: Path, title: str) -> bool:
     rows = complete_evaluations(history, len(HEART_SITES))
-    if not rows:
+    if not rows or not plots_available():
         return False
     import matplotlib
 
@@ -414,6 +421,8 @@ def run_demo(options: DemoOptions) -> int:
     group = ProcessGroup(demo_dir / "logs")
     started_broker = False
     interrupted = False
+    if not plots_available():
+        print(f"note: the accuracy plot will be skipped: {PLOTS_MISSING}", flush=True)
 
     def on_signal(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -525,6 +534,8 @@ def _report(options: DemoOptions, coordinator_dir: Path, started: float) -> int:
     plot_path = options.state_dir / "demo" / "accuracy.png"
     if plot_progress(history, started, plot_path, f"fedmq {options.strategy}, four hospitals (seed {options.seed})"):
         print(f"plot: {plot_path}")
+    elif not plots_available():
+        print(f"no plot: {PLOTS_MISSING}")
     print(f"final model: {coordinator_dir / 'final_model.safetensors'}; audit log: {coordinator_dir / 'audit.jsonl'}")
     result = {
         "strategy": options.strategy,

@@ -9,6 +9,9 @@ Every decoder raises only these (the fuzz tests hold them to it)::
     ├── FieldError                   a field missing, extra, of the wrong type or out of range
     └── TensorError                  unsupported dtype, bad shape, or a shape that does not match the bytes
 
+``TrainingConfig`` raises ``FieldError`` when it is made, too: a value a site could not train with is refused
+alike in the coordinator's config and on the wire.
+
 Each message names the offending field (``delta['fc.weight'].shape``), so a rejection reason is readable in
 the audit log and the dead-letter header.
 """
@@ -22,6 +25,7 @@ class SchemaError(ValueError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
+        self.reason = message
 
 
 class MessageTooLarge(SchemaError):

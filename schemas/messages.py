@@ -17,7 +17,6 @@ from enum import Enum
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
-import torch
 
 from schemas.errors import FieldError, MalformedMessage, MessageTooLarge, SchemaError, UnknownSchemaVersion
 from schemas.tensors import Params, decode_tensors, encode_tensors
@@ -50,9 +49,17 @@ class ControlCommand(str, Enum):
     RESUME = "resume"
 
 
+# The optimisers a site's trainer builds (tasks.base.Task.train); anything else would fail at every hospital.
+TRAINING_OPTIMIZERS = ("sgd", "adam")
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
-    """How every site trains on a global model; it travels inside the model so all sites agree."""
+    """How every site trains on a global model; it travels inside the model so all sites agree.
+
+    It refuses, when made, any value a site's trainer would fail on (``FieldError`` naming the field): a bad
+    ``[training]`` table stops the coordinator at start instead of failing at every hospital on every version.
+    """
 
     local_steps: int = 100
     learning_rate: float = 0.01
@@ -63,6 +70,34 @@ class TrainingConfig:
     # Async strategies want a site to keep training when no newer model has arrived; a synchronous round
     # takes one update per site and version, so there a site waits for the next version instead.
     train_on_same_version: bool = True
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in TRAINING_OPTIMIZERS:
+            raise FieldError(f"expected one of {list(TRAINING_OPTIMIZERS)}, got {self.optimizer!r}", "optimizer")
+        _require_positive_number(self.learning_rate, "learning_rate")
+        object.__setattr__(self, "learning_rate", float(self.learning_rate))
+        _require_int(self.batch_size, "batch_size", minimum=1)
+        # local_steps counts only without local_epochs (then it must make at least one step)
+        _require_int(self.local_steps, "local_steps", minimum=1 if self.local_epochs is None else 0)
+        if self.local_epochs is not None:
+            _require_int(self.local_epochs, "local_epochs", minimum=1)
+        if self.proximal_mu is not None:
+            mu: object = self.proximal_mu
+            if not isinstance(mu, (int, float)) or isinstance(mu, bool) or not (math.isfinite(mu) and mu >= 0):
+                raise FieldError(f"must be a non-negative number, got {self.proximal_mu!r}", "proximal_mu")
+            object.__setattr__(self, "proximal_mu", float(self.proximal_mu))
+        if not isinstance(self.train_on_same_version, bool):
+            raise FieldError(f"expected true or false, got {self.train_on_same_version!r}", "train_on_same_version")
+
+
+def _require_int(value: object, name: str, *, minimum: int) -> None:
+    if type(value) is not int or value < minimum:
+        raise FieldError(f"must be an integer >= {minimum}, got {value!r}", name)
+
+
+def _require_positive_number(value: object, name: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and value > 0):
+        raise FieldError(f"must be a finite number > 0, got {value!r}", name)
 
 
 @dataclass(frozen=True)
@@ -161,7 +196,11 @@ def _metrics(value: object, name: str) -> dict[str, float]:
 
 def _struct(struct_type: type, checks: Mapping[str, Check]) -> Check:
     def checked(value: object, name: str) -> Any:
-        return struct_type(**_check_fields(value, checks, name))
+        values = _check_fields(value, checks, name)
+        try:
+            return struct_type(**values)
+        except FieldError as exc:  # the struct's own checks (TrainingConfig), named by their path in the message
+            raise FieldError(exc.reason, f"{name}.{exc.field}" if exc.field else name) from None
 
     return checked
 
@@ -290,10 +329,6 @@ class Message:
 
 def now() -> float:
     return time.time()
-
-
-def _tensor_map(value: Mapping[str, torch.Tensor]) -> Params:
-    return dict(value)
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,5 +3,5 @@
 # Extra arguments go to `fedmq demo` (e.g. --strategy fedasync --slow switzerland=10 --seed 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+bash scripts/install.sh --demo
 exec "${PYTHON:-python3}" -m fedmq demo "$@"

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs what fedmq needs on a fresh Debian/Ubuntu machine, skipping whatever is already there.
 #   bash scripts/install.sh          runtime: rabbitmq-server, CPU torch 2.13.0, the fedmq package
-#   bash scripts/install.sh --test   also prometheus/promtool, docker-compose and the test tools
+#   bash scripts/install.sh --demo   also matplotlib (the plots extra), for the demo's accuracy plot
+#   bash scripts/install.sh --test   also prometheus/promtool, docker-compose, the test tools and the plots extra
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_tests=0
-[ "${1:-}" = "--test" ] && with_tests=1
+with_plots=0
+[ "${1:-}" = "--test" ] && with_tests=1 && with_plots=1
+[ "${1:-}" = "--demo" ] && with_plots=1
 python=${PYTHON:-python3}
 sudo=""
 [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && sudo="sudo"
@@ -29,8 +32,11 @@ if ! "$python" -c "import torch" 2>/dev/null; then
     "$python" -m pip install -q torch==2.13.0 || "$python" -m pip install -q torch==2.13.0 \
         --index-url https://download.pytorch.org/whl/cpu
 fi
-if [ "$with_tests" = 1 ]; then
-    "$python" -m pip install -q -e ".[test]"
+extras=()
+[ "$with_tests" = 1 ] && extras+=(test)
+[ "$with_plots" = 1 ] && extras+=(plots)
+if [ "${#extras[@]}" -gt 0 ]; then
+    "$python" -m pip install -q -e ".[$(IFS=,; echo "${extras[*]}")]"
 else
     "$python" -m pip install -q -e .
 fi

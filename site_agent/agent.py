@@ -28,6 +28,7 @@ import torch
 
 from broker.topology import Exchange, Kind, routing_key, site_control_queue, site_inbox
 from broker.transport import Delivery, PublishRefused, Transport
+from fedmq import __version__
 from schemas import (
     Control,
     ControlCommand,
@@ -40,13 +41,11 @@ from schemas import (
     SiteState,
     TrainingMetrics,
 )
-from site_agent.tasks.base import SiteData, Task, architecture_digest
+from tasks.base import SiteData, Task, architecture_digest
 
 MessageT = TypeVar("MessageT", bound=Message)
 
 log = logging.getLogger(__name__)
-
-AGENT_VERSION = "0.1.0"
 
 
 Job = tuple[str, Callable[[], Message]]  # what it is ("evaluation", "training"), the work
@@ -353,7 +352,7 @@ class SiteAgent:
         assert self.transport is not None
         if self.clock() - self.last_heartbeat < self.heartbeat_seconds:
             return
-        heartbeat = Heartbeat(site_id=self.site_id, state=self.state(), agent_version=AGENT_VERSION)
+        heartbeat = Heartbeat(site_id=self.site_id, state=self.state(), agent_version=__version__)
         try:
             self.transport.publish(
                 Exchange.STATUS.value,

@@ -16,7 +16,7 @@ from broker.pika_transport import ConnectionSettings, PikaTransport, run_reconne
 from broker.transport import ConsumeRefused, TransportConnectionError
 from site_agent.agent import LocalTrainer, SiteAgent, UpdateCounter
 from site_agent.config import SiteConfig
-from site_agent.tasks.registry import task_from_options
+from tasks.registry import task_from_options
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedmq.bench.codec import resnet18_layer_shapes, synthetic_delta
+from benchmarks.codec import resnet18_layer_shapes, synthetic_delta
 from fedmq.cli import main
 from schemas import raw_size
 

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.harness import replace_section
+from benchmarks.heart import Scores
+from benchmarks.straggler import RunResult, ScoredModel, summarise
+from benchmarks.synthetic import FIRST_SEQ, UpdateTemplate, model_tensors
+from benchmarks.wire import IMAGE_CLASSES, IMAGE_SITES, write_medmnist_like
 from broker.transport import Delivery
 from coordinator.validation import DuplicateFilter, ValidUpdate, validate_update
-from fedmq.bench.harness import replace_section
-from fedmq.bench.heart import Scores
-from fedmq.bench.straggler import RunResult, ScoredModel, summarise
-from fedmq.bench.synthetic import FIRST_SEQ, UpdateTemplate, model_tensors
-from fedmq.bench.wire import IMAGE_CLASSES, IMAGE_SITES, write_medmnist_like
 from fedmq.cli import main
 from schemas import DecodeLimits, ModelUpdate
-from site_agent.tasks.image_cnn import ImageCnnTask
+from tasks.image_cnn import ImageCnnTask
 
 
 def test_a_rerun_replaces_only_its_own_section_of_the_benchmarks_file(tmp_path: Path) -> None:
@@ -132,3 +132,6 @@ def test_the_in_process_split_prints_every_phase_as_a_ratio_to_an_add(
     rows = [line for line in output.splitlines() if line.startswith("| 20,000 |")]
     assert rows, output
     assert all(row.count(" ms = ") == 7 for row in rows)  # five phases, the total and the packed checkpoint
+    # one row per torch thread count, each naming its costliest phase
+    bottlenecks = [row.strip("|").split("|")[-2].strip() for row in rows]
+    assert set(bottlenecks) <= {"decode", "validate", "aggregate", "checkpoint", "other"}, rows

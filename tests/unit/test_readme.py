@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from schemas import TrainingConfig
-from site_agent.tasks.registry import get_task
+from tasks.registry import get_task
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()

@@ -7,6 +7,7 @@ The patient-data tests capture every byte the agent publishes and search it for 
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import re
 import threading
@@ -41,8 +42,8 @@ from schemas import (
 )
 from schemas.tensors import decode_tensor
 from site_agent.agent import LocalTrainer, SiteAgent, UpdateCounter
-from site_agent.tasks.base import SiteData, TrainResult, architecture_digest
-from site_agent.tasks.heart_disease import HeartDiseaseTask, load_raw_site, load_site
+from tasks.base import SiteData, TrainResult, architecture_digest
+from tasks.heart_disease import HeartDiseaseTask, load_raw_site, load_site
 
 SITE = "cleveland"
 FAST_TRAINING = TrainingConfig(local_steps=10, learning_rate=0.05, batch_size=8)
@@ -350,6 +351,7 @@ def test_first_turn_sends_a_heartbeat_with_the_sites_identity(harness: Harness) 
     # Assert
     heartbeats = harness.heartbeats()
     assert [(beat.site_id, beat.state) for beat in heartbeats] == [(SITE, SiteState.IDLE)]
+    assert heartbeats[0].agent_version == importlib.metadata.version("fedmq")
     assert harness.status_deliveries(Kind.HEARTBEAT)[0].user_id == SITE
 
 

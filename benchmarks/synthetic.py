@@ -1,7 +1,7 @@
 """A model of any size for the coordinator benchmarks, and update messages that cost nothing to vary.
 
 ``SyntheticTask`` is an ordinary task found by its dotted path (``[task] name =
-"fedmq.bench.synthetic:SyntheticTask"``, ``num_parameters = 1000000``): the coordinator builds version 0 from it
+"benchmarks.synthetic:SyntheticTask"``, ``num_parameters = 1000000``): the coordinator builds version 0 from it
 like from any task. Its tensors are a ResNet-18's layers in order, cut at ``num_parameters`` (the same shapes as
 ``fedmq bench codec``). It has no data: the benchmarks drive it with scripted sites, never with agents.
 
@@ -20,10 +20,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from fedmq.bench.codec import resnet18_layer_shapes
+from benchmarks.codec import resnet18_layer_shapes
 from schemas import ModelUpdate, TrainingMetrics
-from site_agent.tasks.base import SiteData, Task
-from site_agent.tasks.errors import TaskDataError
+from tasks.base import SiteData, Task
+from tasks.errors import TaskDataError
 
 PLACEHOLDER_UPDATE_ID = "00000000-0000-4000-8000-00000000b0b0"
 FIRST_SEQ = 1 << 16  # from here to 2**32 - 1 msgpack writes every seq as uint32 (0xce + 4 bytes): fixed width
@@ -188,7 +188,7 @@ def write_synthetic_coordinator(
     work_dir: Path, *, broker_url: str, num_parameters: int, sites: list[str], buffer_size: int = 10
 ) -> tuple[Path, Path]:
     """Write a benchmark coordinator's config (on a free metrics port) into ``work_dir``: (config path, state dir)."""
-    from fedmq.bench.harness import free_tcp_ports
+    from benchmarks.harness import free_tcp_ports
 
     (metrics_port,) = free_tcp_ports(1)
     config_path = work_dir / "coordinator.toml"

@@ -5,17 +5,16 @@
 ``heart-disease`` (FLamby Fed-Heart-Disease, shipped), ``image-cnn`` (MedMNIST .npz), ``tabular-csv``.
 """
 
-from site_agent.tasks.base import SiteData, Task, TrainResult, architecture_digest, model_fingerprint
-from site_agent.tasks.errors import (
+from tasks.base import SiteData, Task, TrainResult, architecture_digest
+from tasks.errors import (
     TaskConfigError,
     TaskDataError,
     TaskError,
     TrainingDivergedError,
     UnknownTaskError,
 )
-from site_agent.tasks.registry import (
+from tasks.registry import (
     TaskRegistry,
-    available_tasks,
     get_task,
     register_task,
     task_from_options,
@@ -32,9 +31,7 @@ __all__ = [
     "TrainingDivergedError",
     "UnknownTaskError",
     "architecture_digest",
-    "available_tasks",
     "get_task",
-    "model_fingerprint",
     "register_task",
     "task_from_options",
 ]

@@ -40,19 +40,7 @@ import pika
 import torch
 from prometheus_client import CollectorRegistry
 
-from broker.memory import MemoryBroker
-from broker.pika_transport import read_in_frame_sized_chunks
-from broker.topology import Exchange, Kind, Queue, routing_key
-from broker.transport import Delivery
-from coordinator.aggregation import Contribution, FedBuff, build_strategy
-from coordinator.audit import AuditLog
-from coordinator.checkpoint import CheckpointStore, write_file_durably
-from coordinator.config import CoordinatorConfig, StrategySettings, ValidationSettings
-from coordinator.evaluation import EvaluationBook
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.service import Coordinator
-from coordinator.validation import DuplicateFilter, ValidUpdate, validate_update
-from fedmq.bench.harness import (
+from benchmarks.harness import (
     BenchBroker,
     add_common_arguments,
     bench_broker,
@@ -71,7 +59,19 @@ from fedmq.bench.harness import (
     stop_process,
     with_plot,
 )
-from fedmq.bench.synthetic import UpdateTemplate, model_tensors, write_synthetic_coordinator
+from benchmarks.synthetic import UpdateTemplate, model_tensors, write_synthetic_coordinator
+from broker.memory import MemoryBroker
+from broker.pika_transport import read_in_frame_sized_chunks
+from broker.topology import Exchange, Kind, Queue, routing_key
+from broker.transport import Delivery
+from coordinator.aggregation import Contribution, FedBuff, build_strategy
+from coordinator.audit import AuditLog
+from coordinator.checkpoint import CheckpointStore, write_file_durably
+from coordinator.config import CoordinatorConfig, StrategySettings, ValidationSettings
+from coordinator.evaluation import EvaluationBook
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.service import Coordinator
+from coordinator.validation import DuplicateFilter, ValidUpdate, validate_update
 from schemas import DecodeLimits, ModelFingerprint, ModelUpdate
 from schemas.tensors import raw_view
 
@@ -148,8 +148,9 @@ class DrainRow:
 
 
 def _timed(function: Callable[..., ResultT], *arguments: Any, **keywords: Any) -> tuple[float, ResultT]:
-    """Seconds one call takes with the garbage collector paused (as ``timeit`` does), and its result."""
-    gc.collect()
+    """Seconds one call takes with the garbage collector paused (as ``timeit`` does), and its result. No
+    ``gc.collect()`` first: with torch loaded a full collection takes ~0.1 s, far longer than the calls timed, and
+    the paused collector already keeps it out of the measurement."""
     gc.disable()
     try:
         started = time.perf_counter()

@@ -16,8 +16,7 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -84,9 +83,11 @@ def load_average() -> str:
 
 
 def command_line(arguments: Sequence[str] | None = None) -> str:
-    """``fedmq bench ...`` as it was invoked, for the reproduce line of a section."""
+    """The command as it was invoked (``fedmq bench ...`` or ``python -m benchmarks ...``), for the reproduce
+    line of a section."""
     words = list(sys.argv[1:] if arguments is None else arguments)
-    return "fedmq " + " ".join(words)
+    program = "python -m benchmarks" if Path(sys.argv[0]).parent.name == "benchmarks" else "fedmq"
+    return " ".join([program, *words])
 
 
 # -------------------------------------------------------------------------------------------------- the doc
@@ -388,12 +389,3 @@ def stop_process(process: subprocess.Popen[bytes], grace_seconds: float = 20.0) 
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-@contextlib.contextmanager
-def timed_phase(label: str, timings: dict[str, float]) -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[label] = time.perf_counter() - started

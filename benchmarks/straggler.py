@@ -6,14 +6,14 @@ node (fedmq) or gRPC over loopback (Flower):
 - fedmq FedBuff, fedmq FedAsync and fedmq synchronous FedAvg: the demo's machinery (``fedmq.demo``'s
   coordinator config and strategy tables, ``fedmq coordinator run`` and four ``fedmq site run`` processes, each
   hospital its own broker user);
-- Flower's FedAvg: a server and four client processes (``fedmq.bench.flower_heart``), if ``flwr`` is installed.
+- Flower's FedAvg: a server and four client processes (``benchmarks.flower_heart``), if ``flwr`` is installed.
 
 Every system uses the same initial model (seeded), the same local training (100 SGD steps, learning rate 0.01,
 batch 4, the site agent's loop and seeding) and the same slowdown (the slow hospital sleeps ``9 x`` its busy
 time after each local training). Sites of both systems run one throwaway training before connecting
 (``WarmedHeartDiseaseTask``), so the slowdown multiplies steady-state training, not torch's one-off start-up.
 
-One referee scores every global model either system produces (``fedmq.bench.heart.HeartReferee``): for fedmq
+One referee scores every global model either system produces (``benchmarks.heart.HeartReferee``): for fedmq
 an observer with its own broker user receives every published version; Flower's server scores each round in
 its ``evaluate_fn``. Times count from the moment training can start: all four sites are up and connected (their
 logs say so) and the first global model exists. fedmq's sites are started first and version 0 is published
@@ -40,9 +40,8 @@ import pika
 import pika.exceptions
 import torch
 
-from broker.topology import site_inbox
-from fedmq.bench.flower_heart import READY_MARKER as FLOWER_READY_MARKER
-from fedmq.bench.harness import (
+from benchmarks.flower_heart import READY_MARKER as FLOWER_READY_MARKER
+from benchmarks.harness import (
     BenchBroker,
     add_common_arguments,
     bench_broker,
@@ -57,7 +56,8 @@ from fedmq.bench.harness import (
     purge_queues,
     save_figure,
 )
-from fedmq.bench.heart import HEART_SITES, HeartReferee, Scores
+from benchmarks.heart import HEART_SITES, HeartReferee, Scores
+from broker.topology import site_inbox
 from fedmq.demo import STRATEGIES, STRATEGY_TABLES, DemoOptions, ProcessGroup, coordinator_toml, fedmq_command
 from schemas import GlobalModel, SchemaError
 
@@ -68,7 +68,7 @@ else:  # pragma: no cover
 
 HELP = "time to accuracy with one hospital 10x slower: fedmq FedBuff/FedAsync/sync FedAvg vs Flower FedAvg"
 OBSERVER_SITE = "bench-observer"
-WARMED_TASK = "fedmq.bench.heart:WarmedHeartDiseaseTask"
+WARMED_TASK = "benchmarks.heart:WarmedHeartDiseaseTask"
 FLOWER = "flower-fedavg"
 SYSTEM_LABELS = {
     "fedbuff": "fedmq FedBuff",
@@ -83,7 +83,6 @@ DEFAULT_SLOW_SITE = "switzerland"
 DEFAULT_SLOWDOWN = 10.0
 POOLED_TARGET = 0.75
 MEAN_TARGET = 0.70
-GOAL_SPEEDUP = 3.0
 FIRST_MODEL_TIMEOUT = 90.0
 FEDMQ_READY_MARKER = "connected; waiting for the global model"  # site_agent.runner logs it once connected
 
@@ -412,7 +411,7 @@ def run_flower(
     history = run_dir / "rounds.jsonl"
     (port,) = free_tcp_ports(1)
     address = f"127.0.0.1:{port}"
-    module = [python, "-m", "fedmq.bench.flower_heart"]
+    module = [python, "-m", "benchmarks.flower_heart"]
     group = ProcessGroup(run_dir / "logs")
     result = RunResult(FLOWER, seed, budget_seconds, launched_at=time.time())
     models: list[ScoredModel] = []
@@ -633,7 +632,7 @@ def format_report(
         f"{budget_seconds:.0f} s counted from when training can start (first global model published and all four "
         "sites connected; the start-up before that is in its own column). fedmq strategies as `fedmq demo` configures "
         f"them: {strategy_settings()}; {flower_note}. Every global model is scored by the same referee "
-        "(`fedmq.bench.heart`): pooled = FLamby's pooled test set (the four test splits, pooled normalisation; the "
+        "(`benchmarks.heart`): pooled = FLamby's pooled test set (the four test splits, pooled normalisation; the "
         "figure FLamby publishes), mean = the mean over the four hospitals' own test splits (FLamby's client average), "
         "site-weighted = those four weighted by test rows (what the coordinator's federated evaluation calls pooled). "
         "Medians over seeds; a seed that missed a target within the budget counts as the budget.",

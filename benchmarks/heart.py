@@ -7,7 +7,7 @@ test splits together, normalised with the pooled train statistics; it is the fig
 mean over hospitals, each scored on its own test split normalised with its own train statistics (as its site
 agent does; FLamby's "client average"). ``site_weighted`` is the example-weighted mean of those per-hospital
 scores, what the coordinator's federated evaluation calls pooled. The same hospitals, the same rows, the same
-model code as ``site_agent.tasks.heart_disease``.
+model code as ``tasks.heart_disease``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from schemas import TrainingConfig
-from site_agent.tasks.base import SiteData
-from site_agent.tasks.heart_disease import HeartDiseaseTask, load_pooled, load_site
+from tasks.base import SiteData
+from tasks.heart_disease import HeartDiseaseTask, load_pooled, load_site
 
 HEART_SITES = ("cleveland", "hungary", "switzerland", "long-beach")
 

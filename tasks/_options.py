@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from site_agent.tasks.errors import TaskConfigError
+from tasks.errors import TaskConfigError
 
 _MISSING: Any = object()
 

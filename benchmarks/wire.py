@@ -30,8 +30,7 @@ import numpy as np
 import pika
 import torch
 
-from broker.topology import Exchange, Kind, routing_key
-from fedmq.bench.harness import (
+from benchmarks.harness import (
     BenchBroker,
     add_common_arguments,
     bench_broker,
@@ -48,13 +47,14 @@ from fedmq.bench.harness import (
     save_figure,
     with_plot,
 )
-from fedmq.bench.heart import HeartReferee, Scores
-from fedmq.bench.straggler import FederationPlan, RunResult, fedmq_plan, run_fedmq
-from fedmq.bench.synthetic import model_tensors
+from benchmarks.heart import HeartReferee, Scores
+from benchmarks.straggler import FederationPlan, RunResult, fedmq_plan, run_fedmq
+from benchmarks.synthetic import model_tensors
+from broker.topology import Exchange, Kind, routing_key
 from schemas import COMPRESSIONS, ModelUpdate, TrainingMetrics
-from site_agent.tasks.base import SiteData
-from site_agent.tasks.heart_disease import HeartDiseaseTask
-from site_agent.tasks.image_cnn import ImageCnnTask
+from tasks.base import SiteData
+from tasks.heart_disease import HeartDiseaseTask
+from tasks.image_cnn import ImageCnnTask
 
 HELP = "wire bytes per update / raw tensor bytes, and float16/int8 size ratios and accuracy cost"
 SIZE_GOAL = 1.01
@@ -147,10 +147,6 @@ class WireRow:
     @property
     def wire_ratio(self) -> float:
         return self.wire_bytes / self.raw_bytes
-
-    @property
-    def overhead_bytes(self) -> float:
-        return self.wire_bytes - self.body_bytes
 
 
 def _update(delta: dict[str, torch.Tensor]) -> ModelUpdate:

@@ -30,9 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from schemas.messages import TrainingConfig
-from site_agent.tasks.errors import TaskConfigError, TaskDataError, TrainingDivergedError
-
-SUPPORTED_OPTIMIZERS = ("sgd", "adam")
+from tasks.errors import TaskDataError, TrainingDivergedError
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,22 +71,6 @@ class TrainResult:
     num_examples: int
 
 
-def validate_training_config(config: TrainingConfig) -> None:
-    """Reject a config that would make training silently do nothing or blow up, naming the field."""
-    if config.optimizer not in SUPPORTED_OPTIMIZERS:
-        raise TaskConfigError(f"optimizer: expected one of {list(SUPPORTED_OPTIMIZERS)}, got {config.optimizer!r}")
-    if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
-        raise TaskConfigError(f"learning_rate: must be a positive number, got {config.learning_rate}")
-    if config.batch_size < 1:
-        raise TaskConfigError(f"batch_size: must be >= 1, got {config.batch_size}")
-    if config.local_epochs is None and config.local_steps < 1:
-        raise TaskConfigError(f"local_steps: must be >= 1, got {config.local_steps}")
-    if config.local_epochs is not None and config.local_epochs < 1:
-        raise TaskConfigError(f"local_epochs: must be >= 1, got {config.local_epochs}")
-    if config.proximal_mu is not None and not (math.isfinite(config.proximal_mu) and config.proximal_mu >= 0):
-        raise TaskConfigError(f"proximal_mu: must be a non-negative number, got {config.proximal_mu}")
-
-
 def count_training_steps(num_examples: int, config: TrainingConfig) -> int:
     """Optimiser steps one local run takes: ``local_steps``, or ``local_epochs`` full passes (last batch partial)."""
     if config.local_epochs is None:
@@ -121,11 +103,6 @@ def architecture_digest(model: nn.Module) -> str:
         for name, tensor in model.state_dict().items()
     ]
     return hashlib.sha256(json.dumps(description, separators=(",", ":")).encode("utf-8")).hexdigest()
-
-
-def model_fingerprint(task_name: str, model: nn.Module) -> str:
-    """``<task name>@<architecture digest>``: a site refuses a global model whose fingerprint differs from its own."""
-    return f"{task_name}@{architecture_digest(model)}"
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -198,7 +175,6 @@ class Task(ABC):
         With ``config.proximal_mu`` set, the objective gains FedProx's ``mu/2 * ||w - w_start||^2`` where
         ``w_start`` are the parameters the model had when this call started (the global model it came from).
         """
-        validate_training_config(config)
         if data.num_train == 0:
             raise TaskDataError("the site has no training examples")
         device = _model_device(model)
@@ -238,6 +214,7 @@ class Task(ABC):
 
     @staticmethod
     def _make_optimizer(parameters: list[nn.Parameter], config: TrainingConfig) -> torch.optim.Optimizer:
+        """One of ``schemas.messages.TRAINING_OPTIMIZERS``: a TrainingConfig holds no other (it checks when made)."""
         if config.optimizer == "adam":
             return torch.optim.Adam(parameters, lr=config.learning_rate)
         return torch.optim.SGD(parameters, lr=config.learning_rate)

@@ -41,10 +41,10 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from site_agent.tasks._options import option_float, option_int, option_path, option_str, option_str_list
-from site_agent.tasks.base import SiteData, Task
-from site_agent.tasks.errors import TaskConfigError, TaskDataError
-from site_agent.tasks.splits import shuffled_split
+from tasks._options import option_float, option_int, option_path, option_str, option_str_list
+from tasks.base import SiteData, Task
+from tasks.errors import TaskConfigError, TaskDataError
+from tasks.splits import shuffled_split
 
 MODELS = ("logistic", "mlp")
 MISSING_POLICIES = ("error", "drop")

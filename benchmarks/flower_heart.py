@@ -4,8 +4,8 @@ separate processes talking gRPC over loopback.
 Run by the benchmark with the Python that has ``flwr`` (an optional benchmark dependency: ``pip install
 flwr``)::
 
-    python -m fedmq.bench.flower_heart server --address 127.0.0.1:PORT --seed 0 --history rounds.jsonl
-    python -m fedmq.bench.flower_heart client --address 127.0.0.1:PORT --site cleveland --seed 0 --slowdown 10
+    python -m benchmarks.flower_heart server --address 127.0.0.1:PORT --seed 0 --history rounds.jsonl
+    python -m benchmarks.flower_heart client --address 127.0.0.1:PORT --site cleveland --seed 0 --slowdown 10
 
 It uses Flower's classic server/client entry points (``flwr.server.start_server`` and
 ``flwr.client.start_client``, deprecated in favour of SuperLink/SuperNode but still shipped): the lightest way
@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmq.bench.heart import HeartReferee, initial_heart_model, train_like_a_site_agent, warm_up
+from benchmarks.heart import HeartReferee, initial_heart_model, train_like_a_site_agent, warm_up
 from schemas import TrainingConfig
-from site_agent.tasks.heart_disease import HeartDiseaseTask, load_site
+from tasks.heart_disease import HeartDiseaseTask, load_site
 
 PARAMETER_NAMES = ("linear.weight", "linear.bias")
 READY_MARKER = "fedmq-bench: client ready"  # printed once warmed up, right before connecting
@@ -120,7 +120,7 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fedmq.bench.flower_heart", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.flower_heart", description=__doc__)
     roles = parser.add_subparsers(dest="role", required=True)
     server = roles.add_parser("server", help="FedAvg server scoring every round's model")
     server.add_argument("--address", required=True)

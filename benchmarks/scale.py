@@ -25,8 +25,7 @@ from pathlib import Path
 
 import pika
 
-from broker.topology import Exchange, Kind, routing_key
-from fedmq.bench.harness import (
+from benchmarks.harness import (
     BenchBroker,
     add_common_arguments,
     bench_broker,
@@ -44,8 +43,9 @@ from fedmq.bench.harness import (
     stop_process,
     with_plot,
 )
-from fedmq.bench.synthetic import UpdateTemplate, model_tensors, write_synthetic_coordinator
-from fedmq.bench.throughput import rate_of, update_records
+from benchmarks.synthetic import UpdateTemplate, model_tensors, write_synthetic_coordinator
+from benchmarks.throughput import rate_of, update_records
+from broker.topology import Exchange, Kind, routing_key
 from schemas import Heartbeat, SiteState
 
 HELP = "10..200 sites as real broker users against one coordinator: updates/s, coordinator RSS and CPU"

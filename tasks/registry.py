@@ -30,11 +30,11 @@ from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
-from site_agent.tasks.base import Task
-from site_agent.tasks.errors import TaskConfigError, UnknownTaskError
-from site_agent.tasks.heart_disease import HeartDiseaseTask
-from site_agent.tasks.image_cnn import ImageCnnTask
-from site_agent.tasks.tabular_csv import TabularCsvTask
+from tasks.base import Task
+from tasks.errors import TaskConfigError, UnknownTaskError
+from tasks.heart_disease import HeartDiseaseTask
+from tasks.image_cnn import ImageCnnTask
+from tasks.tabular_csv import TabularCsvTask
 
 ENTRY_POINT_GROUP = "fedmq.tasks"
 
@@ -163,11 +163,6 @@ def register_task(name: str, factory: TaskFactory) -> None:
 def get_task(name: str, **kwargs: Any) -> Task:
     """The task ``name`` (built-in, registered, entry point or ``module:Class``) built with ``kwargs``."""
     return DEFAULT_REGISTRY.create(name, **kwargs)
-
-
-def available_tasks() -> list[str]:
-    """Names ``get_task`` accepts besides dotted paths."""
-    return DEFAULT_REGISTRY.available()
 
 
 def task_from_options(options: Mapping[str, Any]) -> Task:

@@ -40,10 +40,10 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from site_agent.tasks._options import option_path, option_str
-from site_agent.tasks.base import SiteData, Task
-from site_agent.tasks.errors import TaskConfigError, TaskDataError
-from site_agent.tasks.splits import IndexArray, train_test_split_indices
+from tasks._options import option_path, option_str
+from tasks.base import SiteData, Task
+from tasks.errors import TaskConfigError, TaskDataError
+from tasks.splits import IndexArray, train_test_split_indices
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "fed_heart_disease"
 

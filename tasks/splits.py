@@ -15,7 +15,7 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from site_agent.tasks.errors import TaskConfigError
+from tasks.errors import TaskConfigError
 
 IndexArray = NDArray[np.int64]
 

@@ -1,10 +1,10 @@
 """Why a task could not be found, configured, loaded or trained.
 
-Everything in ``site_agent.tasks`` raises only these, so a site agent can catch one root and report the reason::
+Everything in ``tasks`` raises only these, so a site agent can catch one root and report the reason::
 
-    TaskError                        root of site_agent.tasks
+    TaskError                        root of tasks
     ├── UnknownTaskError             no built-in, registered, entry-point or dotted-path task of that name
-    ├── TaskConfigError              a bad constructor argument, [task] option or TrainingConfig value (a ValueError)
+    ├── TaskConfigError              a bad constructor argument or [task] option (a ValueError)
     ├── TaskDataError                a data file missing, unreadable or malformed, or not matching the model shape
     └── TrainingDivergedError        the local loss became NaN or infinite, so the update must not be sent
 """
