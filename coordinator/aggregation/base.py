@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,10 +40,31 @@ class Strategy(ABC):
 
     The service calls :meth:`check`, then :meth:`add` for an accepted update, and :meth:`flush` on every timer
     tick. Before either call it reads :meth:`buffered_update_ids`: when the call returns parameters, the new
-    version holds exactly those ids (plus the added one), which the audit log records.
+    version holds exactly those ids (plus the added one), which the audit log records. What else the service
+    needs to know (``keeps_base_history``, ``trains_on_same_version``, ``capacity``, the sites) it asks here; it
+    never looks at the concrete class.
     """
 
     name: ClassVar[str]
+
+    @property
+    def keeps_base_history(self) -> bool:
+        """Whether :meth:`add` reads ``base_params``, so the service must keep the versions updates are based on."""
+        return False
+
+    @property
+    def trains_on_same_version(self) -> bool:
+        """Whether a site may train again on a version it already trained on (not in a synchronous round)."""
+        return True
+
+    @property
+    def capacity(self) -> int:
+        """How many updates the next version needs (a buffer's K, a round's sites), for a gauge and the log."""
+        return 1
+
+    def set_sites(self, sites: Iterable[str]) -> None:
+        """The registered sites; only a strategy that waits for sites needs them."""
+        return None
 
     def check(self, contribution: Contribution, version: int) -> str | None:
         """A strategy-specific refusal reason for an update at global ``version``, or None to accept it."""

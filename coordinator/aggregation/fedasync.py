@@ -21,6 +21,11 @@ class FedAsync(Strategy):
         self.alpha = alpha
         self.staleness = staleness if staleness is not None else StalenessFunction("polynomial")
 
+    @property
+    def keeps_base_history(self) -> bool:
+        """Each update is mixed in as ``base + delta``, so the base version must still be at hand."""
+        return True
+
     def mixing_weight(self, staleness: int) -> float:
         """``alpha_t``, exposed for the audit log and metrics."""
         return self.alpha * self.staleness(staleness)

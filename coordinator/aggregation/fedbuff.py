@@ -60,6 +60,11 @@ class FedBuff(Strategy):
         self._update_ids: list[str] = []
         self._site_ids: list[str] = []
 
+    @property
+    def capacity(self) -> int:
+        """K: a version is made when the buffer holds this many updates."""
+        return self.buffer_size
+
     def check(self, contribution: Contribution, version: int) -> str | None:
         """Refuse ``"site-share"`` once a site holds ``ceil(max_site_share * K)`` places in the buffer, and, when
         example-weighted, ``"no-examples"`` for an update that has no examples to weight it by."""

@@ -63,6 +63,16 @@ class SyncFedAvg(Strategy):
         """The registered sites a round waits for."""
         return self._sites
 
+    @property
+    def trains_on_same_version(self) -> bool:
+        """A round takes one update per site and version, so a site waits for the next version."""
+        return False
+
+    @property
+    def capacity(self) -> int:
+        """A round waits for every registered site (1 when none is registered yet)."""
+        return len(self._sites) or 1
+
     def set_sites(self, sites: Iterable[str]) -> None:
         """Replace the registered sites; a round already holding every remaining site completes at the next
         :meth:`flush`."""

@@ -688,3 +688,22 @@ def test_interpolate_is_exact_where_the_models_agree() -> None:
     same = params(0.1, -7.3)
 
     assert torch.equal(interpolate(same, same, 0.37)["w"], same["w"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the service asks of a strategy
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_each_strategy_says_what_the_service_needs_to_know() -> None:
+    fedasync, buffered, sync = FedAsync(), FedBuff(buffer_size=4), SyncFedAvg()
+    sync.set_sites(["a", "b", "c"])
+    buffered.set_sites(["a", "b", "c"])  # a strategy that does not wait for sites ignores them
+
+    assert [fedasync.keeps_base_history, buffered.keeps_base_history, sync.keeps_base_history] == [True, False, False]
+    assert [fedasync.trains_on_same_version, buffered.trains_on_same_version, sync.trains_on_same_version] == [
+        True,
+        True,
+        False,
+    ]
+    assert [fedasync.capacity, buffered.capacity, sync.capacity, SyncFedAvg().capacity] == [1, 4, 3, 1]

@@ -30,11 +30,12 @@ from coordinator.aggregation import (
 )
 from coordinator.audit import AuditLog, read_records, verify_chain
 from coordinator.checkpoint import CheckpointStore
+from coordinator.commit import COMMIT_MAX_DELAY_SECONDS
 from coordinator.config import CoordinatorConfig, StoppingSettings, StrategySettings, ValidationSettings
 from coordinator.evaluation import EvaluationBook
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.runner import build_coordinator
-from coordinator.service import COMMIT_MAX_DELAY_SECONDS, Coordinator
+from coordinator.service import Coordinator
 from schemas import GlobalModel, Heartbeat, ModelFingerprint, ModelUpdate, SiteState, TrainingMetrics
 
 SITES = ("a", "b", "c")
