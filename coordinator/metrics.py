@@ -5,7 +5,7 @@
 | fedmq_model_version | gauge | | current global model version |
 | fedmq_updates_received_total | counter | site | updates taken off the queue |
 | fedmq_updates_applied_total | counter | site | updates accepted (applied or buffered) |
-| fedmq_updates_rejected_total | counter | site, reason | updates refused, by reason |
+| fedmq_updates_rejected_total | counter | site, reason | updates refused, by reason (see below) |
 | fedmq_updates_redelivered_total | counter | site | redelivered after a restart, already held: acked only |
 | fedmq_update_staleness | histogram | site | staleness (versions) of accepted updates |
 | fedmq_max_staleness | gauge | | the configured staleness bound |
@@ -21,7 +21,13 @@
 | fedmq_eval_global | gauge | metric, aggregate | mean over hospitals / example-weighted (pooled) |
 | fedmq_last_version_timestamp_seconds | gauge | | unix time of the last new version |
 | fedmq_seconds_since_last_version | gauge | | computed at scrape time |
+| fedmq_status_errors_total | counter | site | status messages dropped after an internal error (see the log) |
 | fedmq_coordinator_info | gauge | strategy, task, version | always 1 |
+
+Rejection reasons: unknown-site, identity-mismatch, oversized, malformed, wrong-shape, non-finite,
+norm-too-large, stale, duplicate (checked by the coordinator); site-share, wrong-round, already-in-round,
+no-examples (refused by the strategy); internal-error (an unexpected exception while handling the update: a bug
+in the coordinator, the update is dead-lettered and the log holds the traceback).
 """
 
 from __future__ import annotations
@@ -48,6 +54,12 @@ class CoordinatorMetrics:
         )
         self.updates_rejected = Counter(
             "fedmq_updates_rejected", "Updates refused, by reason", ["site", "reason"], registry=registry
+        )
+        self.status_errors = Counter(
+            "fedmq_status_errors",
+            "Status messages dropped after an internal error while handling them",
+            ["site"],
+            registry=registry,
         )
         self.updates_redelivered = Counter(
             "fedmq_updates_redelivered",

@@ -2,7 +2,8 @@
 
 A status message is checked like an update (a registered site, sending as itself, a message that decodes); one
 that is not is logged and dropped, never an exception. Status is acked at once: nothing of it needs the group
-commit (the evaluation history is a convenience for plots, not the audit trail).
+commit (the evaluation history is a convenience for plots, not the audit trail). An unexpected exception while
+handling one message drops that message and is counted; it never takes the service down.
 """
 
 from __future__ import annotations
@@ -45,7 +46,25 @@ class StatusHandler:
             self.metrics.site_up.labels(site=site).set(0)
 
     def handle(self, delivery: Delivery) -> bool:
-        """Take one heartbeat or evaluation; True when it was an evaluation (the stopping rule may now hold)."""
+        """Take one heartbeat or evaluation; True when it was an evaluation (the stopping rule may now hold).
+
+        Behind the handler's guard: an unexpected exception drops this one message (logged with its traceback,
+        counted in ``fedmq_status_errors_total``; the service acks it) and the service keeps serving. A failed
+        write (``OSError``) is not caught."""
+        try:
+            return self._handle(delivery)
+        except OSError:
+            raise
+        except Exception:
+            site = site_from_routing_key(delivery.routing_key)
+            label = site if site in self.known_sites else "unknown"
+            log.exception(
+                "internal error while handling a status message from %s (%s): dropped", label, delivery.routing_key
+            )
+            self.metrics.status_errors.labels(site=label).inc()
+            return False
+
+    def _handle(self, delivery: Delivery) -> bool:
         site = site_from_routing_key(delivery.routing_key)
         if site not in self.known_sites or delivery.user_id != site:
             log.warning("ignored status message from %r (user %r)", site, delivery.user_id)

@@ -19,6 +19,7 @@ from broker.topology import REJECT_REASON_HEADER
 from broker.transport import Delivery
 from coordinator.aggregation import Contribution, Params, Strategy
 from coordinator.audit import AuditLog
+from coordinator.checkpoint import CheckpointError
 from coordinator.commit import GroupCommit
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.run_state import RunState
@@ -33,6 +34,9 @@ from coordinator.validation import (
 from schemas import DecodeLimits, ModelUpdate
 
 log = logging.getLogger(__name__)
+
+# Not caught by the handler's guard: a failed write means nothing is durable, so nothing may be acked.
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, CheckpointError)
 
 
 @dataclass(frozen=True)
@@ -80,15 +84,36 @@ class UpdateHandler:
         self.metrics = metrics
         self.heard_from = heard_from
         self.clock = clock
+        self._in_hand: ModelUpdate | None = None  # the update being handled, once decoded, for the guard's record
 
     def handle(self, delivery: Delivery) -> Outcome:
-        """Validate, ask the strategy, and note the outcome for the next commit."""
+        """Validate, ask the strategy, and note the outcome for the next commit, behind the handler's guard.
+
+        The guard (nameko's ``Consumer`` pattern): an unexpected exception while handling this one update becomes
+        an ``internal-error`` rejection (counted, audited with the exception text, dead-lettered, acked with the
+        batch) and the service keeps serving. Nothing is half-applied: the run state changes only after
+        ``Strategy.add`` returned, and ``add`` either takes the update or raises leaving the strategy as it was
+        (the Strategy contract). Storage errors are not caught: a failed write means nothing is durable.
+        """
         started = time.perf_counter()
         now = self.clock()
         digest = self.audit.digest(delivery.body)
         label = self._site_label(delivery)
         self.metrics.updates_received.labels(site=label).inc()
         self.metrics.update_size.labels(site=label).observe(len(delivery.body))
+        self._in_hand = None
+        try:
+            return self._handle(delivery, digest, label, started, now)
+        except STORAGE_ERRORS:
+            raise
+        except Exception as exc:
+            log.exception("internal error while handling an update from %s: rejected, serving on", label)
+            detail = f"{type(exc).__name__}: {exc}"
+            rejection = Rejection(Reason.INTERNAL_ERROR, detail, label, self._in_hand)
+            self._reject(delivery, digest, rejection, now)
+            return Outcome(rejection=rejection)
+
+    def _handle(self, delivery: Delivery, digest: Future[str], label: str, started: float, now: float) -> Outcome:
         checked = validate_update(
             delivery,
             known_sites=self.rules.known_sites,
@@ -99,6 +124,7 @@ class UpdateHandler:
             duplicates=self.duplicates,
             limits=self.rules.limits,
         )
+        self._in_hand = checked.update
         if isinstance(checked, ValidUpdate):
             contribution = Contribution(
                 site_id=checked.update.site_id,

@@ -28,6 +28,7 @@ class Reason(str, Enum):
     NORM_TOO_LARGE = "norm-too-large"
     STALE = "stale"
     DUPLICATE = "duplicate"
+    INTERNAL_ERROR = "internal-error"
 
 
 @dataclass(frozen=True)

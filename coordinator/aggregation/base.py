@@ -74,7 +74,10 @@ class Strategy(ABC):
     def add(
         self, global_params: Params, version: int, contribution: Contribution, base_params: Params
     ) -> Params | None:
-        """Take one accepted update; return the new global params when a new version results, else None."""
+        """Take one accepted update; return the new global params when a new version results, else None.
+
+        All or nothing: either the update is taken, or the call raises and leaves the strategy as it was (the
+        service then rejects the update as ``internal-error`` and keeps serving)."""
 
     def flush(self, global_params: Params, version: int, now: float) -> Params | None:
         """Time-driven aggregation (a synchronous round's timeout); ``now`` is any monotonic clock."""

@@ -81,18 +81,21 @@ class FedBuff(Strategy):
         ``sum / K`` (``sum / sum(n)``) and empty the buffer."""
         self._require_accepted(contribution, version)
         check_compatible(global_params, contribution.delta, "delta")
-        if not self._weighted_delta_sum:
-            self._weighted_delta_sum = zeros_for(global_params)
         examples = contribution.num_examples if self.example_weighted else 0
         weight = self.staleness(contribution.staleness) * (examples if self.example_weighted else 1)
-        accumulate_scaled(self._weighted_delta_sum, contribution.delta, weight)
-        self._buffered_examples += examples
+        accumulator = self._weighted_delta_sum or zeros_for(global_params)
         if len(self._update_ids) + 1 < self.buffer_size:
+            # in place, after every check that could refuse it: the one step here that changes the buffer
+            accumulate_scaled(accumulator, contribution.delta, weight)
+            self._weighted_delta_sum = accumulator
+            self._buffered_examples += examples
             self._update_ids.append(contribution.update_id)
             self._site_ids.append(contribution.site_id)
             return None
-        normaliser = self._buffered_examples if self.example_weighted else len(self._update_ids) + 1
-        weighted_sum = self._weighted_delta_sum
+        # The buffer is full: the sum with this update goes into new tensors (the same arithmetic as in place), so
+        # a step that fails leaves the buffer as it was.
+        weighted_sum = add_scaled(accumulator, contribution.delta, weight)
+        normaliser = self._buffered_examples + examples if self.example_weighted else len(self._update_ids) + 1
         pseudo_gradient = add_scaled(zeros_for(weighted_sum), weighted_sum, 1.0 / normaliser)
         new_params = self.server_optimizer.step(global_params, pseudo_gradient)
         self._weighted_delta_sum, self._buffered_examples, self._update_ids, self._site_ids = {}, 0, [], []

@@ -707,3 +707,27 @@ def test_each_strategy_says_what_the_service_needs_to_know() -> None:
         False,
     ]
     assert [fedasync.capacity, buffered.capacity, sync.capacity, SyncFedAvg().capacity] == [1, 4, 3, 1]
+
+
+class FailingStep(ServerOptimizer):
+    def step(self, params: Any, pseudo_gradient: Any) -> Params:
+        raise RuntimeError("simulated failure")
+
+
+@pytest.mark.parametrize("example_weighted", [False, True])
+def test_an_add_that_fails_leaves_the_fedbuff_buffer_as_it_was(example_weighted: bool) -> None:
+    # Prepare: one update buffered, K = 2
+    strategy = FedBuff(buffer_size=2, server_optimizer=FailingStep("sgd"), example_weighted=example_weighted)
+    global_params = params(1.0, 1.0)
+    strategy.add(global_params, 0, contribution(params(1.0, 2.0), update_id="u1"), global_params)
+    before = strategy.state_dict()
+
+    # Execute: the second update fills the buffer; the step fails
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        strategy.add(global_params, 0, contribution(params(5.0, 5.0), site_id="site-b", update_id="u2"), global_params)
+
+    # Assert
+    after = strategy.state_dict()
+    assert after["update_ids"] == before["update_ids"] == ["u1"]
+    assert after["buffered_examples"] == before["buffered_examples"]
+    assert values_of(after["weighted_delta_sum"]) == values_of(before["weighted_delta_sum"])

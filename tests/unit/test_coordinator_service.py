@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from coordinator.aggregation import (
     FedAsync,
     FedBuff,
     Params,
+    ServerOptimizer,
     StalenessFunction,
     Strategy,
     SyncFedAvg,
@@ -595,6 +596,70 @@ def test_sync_fedavg_round_times_out_with_the_updates_at_hand(tmp_path: Path) ->
 
     # ... and the next round accepts updates on v1
     federation.send_good("b", base_version=1)
+    assert federation.rejections() == {}
+
+
+# ------------------------------------------------------------------------------------------- the guard
+
+
+class FlakyServerOptimizer(ServerOptimizer):
+    """Plain SGD whose first step raises, as a bug deep inside a strategy's ``add`` would."""
+
+    def __init__(self) -> None:
+        super().__init__("sgd")
+        self.failures_left = 1
+
+    def step(self, params: Mapping[str, torch.Tensor], pseudo_gradient: Mapping[str, torch.Tensor]) -> Params:
+        if self.failures_left:
+            self.failures_left -= 1
+            raise RuntimeError("simulated bug in the server step")
+        return super().step(params, pseudo_gradient)
+
+
+def test_an_update_the_strategy_fails_on_is_an_internal_error_and_the_service_serves_on(tmp_path: Path) -> None:
+    # Prepare: K = 2, so b's update fills the buffer and the failing step runs in the middle of its ``add``
+    federation = start_federation(tmp_path, fedbuff(buffer_size=2, server_optimizer=FlakyServerOptimizer()))
+    first = federation.send_good("a", delta(w=(2.0, 0.0), b=1.0))
+    params_before = {name: tensor.clone() for name, tensor in federation.coordinator.state.params.items()}
+
+    # Execute
+    failing_body = federation.send_good("b", delta(w=(50.0, 50.0), b=50.0)).encode()
+    version_after_failure = federation.coordinator.state.version
+    buffer_after_failure = federation.coordinator.strategy.buffered_update_ids()
+    federation.send_good("c", delta(w=(0.0, 4.0), b=-1.0))
+
+    # Assert: counted, audited with the exception, dead-lettered, acked
+    assert federation.rejections() == {("b", "internal-error"): 1.0}
+    [rejected] = [record for record in federation.audit() if record["outcome"] == "rejected"]
+    assert rejected["reason"] == "internal-error" and rejected["site"] == "b"
+    assert "simulated bug in the server step" in rejected["detail"]
+    assert rejected["sha256"] == hashlib.sha256(failing_body).hexdigest()
+    [dead_letter] = federation.dead_letters()
+    assert dead_letter.body == failing_body and dead_letter.headers[REJECT_REASON_HEADER] == "internal-error"
+    assert federation.transport.unacked == {}
+    assert not federation.broker.queues[Queue.COORDINATOR_UPDATES.value].messages
+    # ... the failed update left the model and the buffer as they were
+    assert version_after_failure == 0 and buffer_after_failure == [first.update_id]
+    # ... and the next good update makes v1 = v0 + (d_a + d_c) / 2, as if b had never arrived
+    assert federation.coordinator.state.version == 1
+    assert_values(federation.coordinator.state.params["w"], [params_before["w"][0].item() + 1.0, 2.0 + 2.0])
+    assert_values(federation.inbox("a").tensors["b"], [0.5])
+    assert verify_chain(federation.state_dir / "audit.jsonl").ok
+
+
+def test_a_storage_error_is_not_taken_for_a_bad_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: the disk fails when the checkpoint is written
+    federation = start_federation(tmp_path, fedbuff())
+
+    def disk_full(state: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(federation.coordinator.checkpoints, "save", disk_full)
+
+    # Execute / Assert: the error reaches the caller (the process stops), and nothing is acked or rejected
+    with pytest.raises(OSError, match="No space left"):
+        federation.send_good("a")
+    assert len(federation.transport.unacked) == 1
     assert federation.rejections() == {}
 
 
