@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.errors import AuditError
+
 GENESIS_HASH = "0" * 64
 
 
@@ -80,7 +82,7 @@ class AuditLog:
         head = self.last_hash
         for record in records:
             if record.get("prev_hash") != head:
-                raise ValueError("record was sealed against another chain head")
+                raise AuditError("record was sealed against another chain head")
             head = record["hash"]
         if not records:
             return

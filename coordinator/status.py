@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from broker.topology import Kind
 from broker.transport import Delivery
+from coordinator.errors import STORAGE_ERRORS
 from coordinator.evaluation import EvaluationBook
 from coordinator.liveness import Liveness
 from coordinator.metrics import CoordinatorMetrics
@@ -50,10 +51,10 @@ class StatusHandler:
 
         Behind the handler's guard: an unexpected exception drops this one message (logged with its traceback,
         counted in ``fedmq_status_errors_total``; the service acks it) and the service keeps serving. A failed
-        write (``OSError``) is not caught."""
+        write (``STORAGE_ERRORS``) is not caught."""
         try:
             return self._handle(delivery)
-        except OSError:
+        except STORAGE_ERRORS:
             raise
         except Exception:
             site = site_from_routing_key(delivery.routing_key)

@@ -19,13 +19,13 @@ from broker.topology import REJECT_REASON_HEADER
 from broker.transport import Delivery
 from coordinator.aggregation import Contribution, Params, Strategy
 from coordinator.audit import AuditLog
-from coordinator.checkpoint import CheckpointError
 from coordinator.commit import GroupCommit
+from coordinator.errors import STORAGE_ERRORS
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.reasons import Reason
 from coordinator.run_state import RunState
 from coordinator.validation import (
     DuplicateFilter,
-    Reason,
     Rejection,
     ValidUpdate,
     site_from_routing_key,
@@ -34,9 +34,6 @@ from coordinator.validation import (
 from schemas import DecodeLimits, ModelUpdate
 
 log = logging.getLogger(__name__)
-
-# Not caught by the handler's guard: a failed write means nothing is durable, so nothing may be acked.
-STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, CheckpointError)
 
 
 @dataclass(frozen=True)
@@ -139,7 +136,8 @@ class UpdateHandler:
                 if label in self.rules.known_sites:
                     self.heard_from(label, now)
                 return self._accept(delivery, digest, checked, contribution, started, now)
-            checked = Rejection(refusal, f"refused by {self.strategy.name}: {refusal}", label, checked.update)
+            refused = Reason(refusal)  # a strategy's own string is no reason: the guard makes it an internal error
+            checked = Rejection(refused, f"refused by {self.strategy.name}: {refused.value}", label, checked.update)
         elif self._redelivered_after_restart(delivery, checked):
             self._acknowledge_redelivery(delivery, digest, checked, now)
             return Outcome()
@@ -261,7 +259,7 @@ class UpdateHandler:
 
     def _reject(self, delivery: Delivery, digest: Future[str], rejection: Rejection, now: float) -> None:
         update = rejection.update
-        reason = str(rejection.reason.value if hasattr(rejection.reason, "value") else rejection.reason)
+        reason = rejection.reason.value
         self.metrics.updates_rejected.labels(site=rejection.site_id, reason=reason).inc()
         self._record(
             delivery,

@@ -1,10 +1,10 @@
 """Staleness-aware aggregation: pure tensor arithmetic with no broker, no clock and no I/O.
 
 The service validates an update (schema, shapes, staleness bound, site identity), turns it into a
-:class:`Contribution` and hands it to a :class:`Strategy`. The strategy says whether it refuses it (a reason
-string that ends up in a metric, the audit log and the dead-letter queue) and, once it takes it, whether a new
-global version results. Keeping this package free of pika and time lets every formula be unit-tested against
-hand computations, the way Flower's ``strategy/aggregate.py`` is.
+:class:`Contribution` and hands it to a :class:`Strategy`. The strategy says whether it refuses it (a
+``coordinator.reasons.Reason`` that ends up in a metric, the audit log and the dead-letter queue) and, once it
+takes it, whether a new global version results. Keeping this package free of pika and time lets every formula be
+unit-tested against hand computations, the way Flower's ``strategy/aggregate.py`` is.
 
 Algorithms, as published:
 
@@ -22,21 +22,11 @@ sees (it hands out copies) and which it adds each update into in place. Arithmet
 float32 (float64 when the parameter is float64, or is an integer buffer such as BatchNorm's
 ``num_batches_tracked``) and results keep each global parameter's dtype.
 
-Errors::
-
-    AggregationError (ValueError)   a bad configuration, a checkpoint from another strategy, or tensors that
-                                    do not line up with the model; the strategy's state is left unchanged
+Errors: ``AggregationError`` (in ``coordinator.errors``, re-exported here): a bad configuration, a checkpoint from
+another strategy, or tensors that do not line up with the model; the strategy's state is left unchanged.
 """
 
-from coordinator.aggregation.base import (
-    REFUSED_ALREADY_IN_ROUND,
-    REFUSED_NO_EXAMPLES,
-    REFUSED_SITE_SHARE,
-    REFUSED_UNKNOWN_SITE,
-    REFUSED_WRONG_ROUND,
-    Contribution,
-    Strategy,
-)
+from coordinator.aggregation.base import Contribution, Strategy
 from coordinator.aggregation.build import STRATEGY_NAMES, build_strategy
 from coordinator.aggregation.fedasync import FedAsync
 from coordinator.aggregation.fedbuff import FedBuff
@@ -44,7 +34,6 @@ from coordinator.aggregation.server_optimizer import SERVER_OPTIMIZERS, ServerOp
 from coordinator.aggregation.staleness import STALENESS_KINDS, StalenessFunction, staleness_function
 from coordinator.aggregation.sync_fedavg import SyncFedAvg
 from coordinator.aggregation.tensor_math import (
-    AggregationError,
     Params,
     accumulate_scaled,
     add_scaled,
@@ -52,13 +41,9 @@ from coordinator.aggregation.tensor_math import (
     l2_norm,
     weighted_average,
 )
+from coordinator.errors import AggregationError
 
 __all__ = [
-    "REFUSED_ALREADY_IN_ROUND",
-    "REFUSED_NO_EXAMPLES",
-    "REFUSED_SITE_SHARE",
-    "REFUSED_UNKNOWN_SITE",
-    "REFUSED_WRONG_ROUND",
     "SERVER_OPTIMIZERS",
     "STALENESS_KINDS",
     "STRATEGY_NAMES",

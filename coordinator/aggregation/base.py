@@ -7,14 +7,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from coordinator.aggregation.tensor_math import AggregationError, Params
-
-# Refusal reasons a strategy returns from ``check``; the service adds its own (e.g. "too-stale").
-REFUSED_SITE_SHARE = "site-share"
-REFUSED_WRONG_ROUND = "wrong-round"
-REFUSED_ALREADY_IN_ROUND = "already-in-round"
-REFUSED_UNKNOWN_SITE = "unknown-site"
-REFUSED_NO_EXAMPLES = "no-examples"
+from coordinator.aggregation.tensor_math import Params
+from coordinator.errors import AggregationError
+from coordinator.reasons import Reason
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,7 +61,7 @@ class Strategy(ABC):
         """The registered sites; only a strategy that waits for sites needs them."""
         return None
 
-    def check(self, contribution: Contribution, version: int) -> str | None:
+    def check(self, contribution: Contribution, version: int) -> Reason | None:
         """A strategy-specific refusal reason for an update at global ``version``, or None to accept it."""
         return None
 
@@ -112,4 +107,4 @@ class Strategy(ABC):
         """Guard against a caller skipping :meth:`check`, which would double-count in a round."""
         reason = self.check(contribution, version)
         if reason is not None:
-            raise AggregationError(f"update {contribution.update_id} was refused ({reason}); call check() first")
+            raise AggregationError(f"update {contribution.update_id} was refused ({reason.value}); call check() first")

@@ -11,7 +11,7 @@ from coordinator.aggregation.fedbuff import FedBuff
 from coordinator.aggregation.server_optimizer import ServerOptimizer
 from coordinator.aggregation.staleness import StalenessFunction, staleness_function
 from coordinator.aggregation.sync_fedavg import SyncFedAvg
-from coordinator.aggregation.tensor_math import AggregationError
+from coordinator.errors import AggregationError
 
 STRATEGY_NAMES = ("fedasync", "fedbuff", "fedavg-sync")
 _STALENESS_KEYS = ("staleness", "staleness_a", "staleness_b")

@@ -7,7 +7,8 @@ from typing import ClassVar
 
 from coordinator.aggregation.base import Contribution, Strategy
 from coordinator.aggregation.staleness import StalenessFunction
-from coordinator.aggregation.tensor_math import AggregationError, Params, add_scaled, check_compatible, interpolate
+from coordinator.aggregation.tensor_math import Params, add_scaled, check_compatible, interpolate
+from coordinator.errors import AggregationError
 
 
 class FedAsync(Strategy):

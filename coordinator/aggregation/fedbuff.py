@@ -6,11 +6,10 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from coordinator.aggregation.base import REFUSED_NO_EXAMPLES, REFUSED_SITE_SHARE, Contribution, Strategy
+from coordinator.aggregation.base import Contribution, Strategy
 from coordinator.aggregation.server_optimizer import ServerOptimizer
 from coordinator.aggregation.staleness import StalenessFunction
 from coordinator.aggregation.tensor_math import (
-    AggregationError,
     Params,
     accumulate_scaled,
     add_scaled,
@@ -19,6 +18,8 @@ from coordinator.aggregation.tensor_math import (
     string_list_from_state,
     zeros_for,
 )
+from coordinator.errors import AggregationError
+from coordinator.reasons import Reason
 
 
 class FedBuff(Strategy):
@@ -65,13 +66,13 @@ class FedBuff(Strategy):
         """K: a version is made when the buffer holds this many updates."""
         return self.buffer_size
 
-    def check(self, contribution: Contribution, version: int) -> str | None:
+    def check(self, contribution: Contribution, version: int) -> Reason | None:
         """Refuse ``"site-share"`` once a site holds ``ceil(max_site_share * K)`` places in the buffer, and, when
         example-weighted, ``"no-examples"`` for an update that has no examples to weight it by."""
         if self._site_ids.count(contribution.site_id) >= self.max_updates_per_site:
-            return REFUSED_SITE_SHARE
+            return Reason.SITE_SHARE
         if self.example_weighted and contribution.num_examples <= 0:
-            return REFUSED_NO_EXAMPLES
+            return Reason.NO_EXAMPLES
         return None
 
     def add(

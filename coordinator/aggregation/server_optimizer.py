@@ -9,13 +9,13 @@ from typing import Any
 import torch
 
 from coordinator.aggregation.tensor_math import (
-    AggregationError,
     Params,
     cast_like,
     check_compatible,
     compute_dtype,
     params_from_state,
 )
+from coordinator.errors import AggregationError
 
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
 

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from coordinator.aggregation.tensor_math import AggregationError
+from coordinator.errors import AggregationError
 
 STALENESS_KINDS = ("constant", "polynomial", "hinge")
 

@@ -6,16 +6,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 from coordinator.aggregation.base import (
-    REFUSED_ALREADY_IN_ROUND,
-    REFUSED_NO_EXAMPLES,
-    REFUSED_UNKNOWN_SITE,
-    REFUSED_WRONG_ROUND,
     Contribution,
     Strategy,
 )
 from coordinator.aggregation.server_optimizer import ServerOptimizer
 from coordinator.aggregation.tensor_math import (
-    AggregationError,
     Params,
     add_scaled,
     check_compatible,
@@ -23,6 +18,8 @@ from coordinator.aggregation.tensor_math import (
     string_list_from_state,
     zeros_for,
 )
+from coordinator.errors import AggregationError
+from coordinator.reasons import Reason
 
 
 class SyncFedAvg(Strategy):
@@ -78,17 +75,17 @@ class SyncFedAvg(Strategy):
         :meth:`flush`."""
         self._sites = frozenset(sites)
 
-    def check(self, contribution: Contribution, version: int) -> str | None:
+    def check(self, contribution: Contribution, version: int) -> Reason | None:
         """Refuse an unregistered site, a base version other than the current one, a second update from a site
         in this round, or an update with no examples to weight it by."""
         if contribution.site_id not in self._sites:
-            return REFUSED_UNKNOWN_SITE
+            return Reason.UNKNOWN_SITE
         if contribution.base_version != version:
-            return REFUSED_WRONG_ROUND
+            return Reason.WRONG_ROUND
         if self._round_version == version and contribution.site_id in self._site_ids:
-            return REFUSED_ALREADY_IN_ROUND
+            return Reason.ALREADY_IN_ROUND
         if contribution.num_examples <= 0:
-            return REFUSED_NO_EXAMPLES
+            return Reason.NO_EXAMPLES
         return None
 
     def add(

@@ -14,12 +14,10 @@ from typing import Any
 
 import torch
 
+from coordinator.errors import AggregationError
+
 Params = dict[str, torch.Tensor]
 """Ordered parameter name -> tensor, as in a ``state_dict``."""
-
-
-class AggregationError(ValueError):
-    """Aggregation cannot proceed; raised before any state changes, so nothing is half-applied."""
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
