@@ -92,11 +92,6 @@ class AuditLog:
         self.count += len(records)
         self.last_hash = head
 
-    def append(self, fields: dict[str, Any]) -> dict[str, Any]:
-        record = self.seal(fields)
-        self.append_sealed(record)
-        return record
-
     def close(self) -> None:
         self._digester.shutdown(wait=True)
         self._handle.close()

@@ -38,8 +38,6 @@ from coordinator.aggregation.tensor_math import (
     accumulate_scaled,
     add_scaled,
     interpolate,
-    l2_norm,
-    weighted_average,
 )
 from coordinator.errors import AggregationError
 
@@ -60,7 +58,5 @@ __all__ = [
     "add_scaled",
     "build_strategy",
     "interpolate",
-    "l2_norm",
     "staleness_function",
-    "weighted_average",
 ]

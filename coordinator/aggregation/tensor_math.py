@@ -8,8 +8,7 @@ as BatchNorm's ``num_batches_tracked``) and results keep each global parameter's
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -82,35 +81,6 @@ def interpolate(start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tenso
         value = torch.lerp(tensor.detach().to(dtype), end[name].detach().to(dtype), weight)
         result[name] = cast_like(value, tensor.dtype)
     return result
-
-
-def weighted_average(weighted_params: Sequence[tuple[Mapping[str, torch.Tensor], float]]) -> Params:
-    """``sum(w_i * x_i) / sum(w_i)``, Flower's ``aggregate``; dtypes follow the first entry."""
-    if not weighted_params:
-        raise AggregationError("weighted_average needs at least one entry")
-    weights = [float(weight) for _, weight in weighted_params]
-    if any(not math.isfinite(weight) or weight < 0 for weight in weights):
-        raise AggregationError(f"weights must be finite and >= 0, got {weights}")
-    total = sum(weights)
-    if total <= 0:
-        raise AggregationError("weights sum to zero")
-    reference = weighted_params[0][0]
-    for index, (params, _) in enumerate(weighted_params):
-        check_compatible(reference, params, f"entry {index}")
-    result: Params = {}
-    for name, tensor in reference.items():
-        dtype = compute_dtype(tensor.dtype)
-        accumulated = torch.zeros(tensor.shape, dtype=dtype)
-        for (params, _), weight in zip(weighted_params, weights, strict=True):
-            accumulated = torch.add(accumulated, params[name].detach().to(dtype), alpha=weight / total)
-        result[name] = cast_like(accumulated, tensor.dtype)
-    return result
-
-
-def l2_norm(params: Mapping[str, torch.Tensor]) -> float:
-    """Euclidean norm over all tensors together (update-size metrics and sanity bounds), in float64."""
-    squares = sum(float(torch.sum(tensor.detach().to(torch.float64) ** 2)) for tensor in params.values())
-    return math.sqrt(squares)
 
 
 def zeros_for(params: Mapping[str, torch.Tensor]) -> Params:

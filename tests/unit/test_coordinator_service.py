@@ -7,6 +7,7 @@ person would look: Prometheus samples, the audit log, the dead-letter queue, the
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -597,6 +598,14 @@ def test_sync_fedavg_round_times_out_with_the_updates_at_hand(tmp_path: Path) ->
     # ... and the next round accepts updates on v1
     federation.send_good("b", base_version=1)
     assert federation.rejections() == {}
+
+
+def test_the_info_metric_carries_the_installed_version(tmp_path: Path) -> None:
+    federation = start_federation(tmp_path, fedbuff())
+
+    labels = {"strategy": "fedbuff", "task": "tiny", "version": importlib.metadata.version("fedmq")}
+
+    assert federation.sample("fedmq_coordinator_info", **labels) == 1
 
 
 # ------------------------------------------------------------------------------------------- the guard
