@@ -9,7 +9,9 @@ in-memory transport in unit tests and against RabbitMQ in production. Each piece
     tick (between polls)       -> commit when due, liveness sweep, strategy flush, stopping.stop_reason
     the end                    -> control STOP, results.write_results
 
-The crash-safety argument (nothing acked before it is durable, nothing counted twice) is in ``coordinator.commit``.
+Each handler has a guard: an unexpected exception while handling one message rejects (or drops) that message and
+the service keeps serving; storage errors pass through it. The crash-safety argument (nothing acked before it is
+durable, nothing counted twice) is in ``coordinator.commit``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from broker.topology import BROADCAST_SITE, Exchange, Kind, Queue, routing_key
 from broker.transport import Delivery, PublishRefused, Transport
@@ -259,7 +262,7 @@ class Coordinator:
             log.info("run finished: %s", self.stop_reason)
 
     # ------------------------------------------------------------------------------------------------ results
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> dict[str, Any]:
         return run_summary(
             self.config,
             strategy_name=self.strategy.name,
