@@ -1,4 +1,4 @@
-"""Errors of the broker tooling (local node, management API, declaring, provisioning).
+"""Errors of the broker tooling (local node, management API, declaring, provisioning, names).
 
 Every foreign exception (subprocess, urllib, pika) is translated into one of these at the boundary, so the
 CLI can print one clear line instead of a traceback::
@@ -10,7 +10,10 @@ CLI can print one clear line instead of a traceback::
     ├── BrokerNotReachable       nothing answers on the AMQP or management port, or the login is refused
     ├── ManagementError          the management HTTP API answered with an error; has ``status``
     ├── DeclarationError         the broker refused to declare the topology (e.g. a queue with other arguments)
-    └── ProvisioningError        a site or user cannot be added or removed (exists already, unknown, bad name)
+    ├── ProvisioningError        a site or user cannot be added or removed (exists already, unknown, bad name)
+    ├── CertificateError         a certificate or key cannot be made or read (``broker.certs``)
+    └── TopologyError            a name the topology cannot use, e.g. an invalid site id (``broker.topology``;
+                                 also a ValueError)
 
 The pika transport has its own tree (``broker.transport.TransportError``): it is about messages in flight,
 these are about setting the broker up.

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from broker.errors import BrokerError
+
 VHOST = "fedmq"
 COORDINATOR_USER = "fedmq-coordinator"
 BROADCAST_SITE = "all"
@@ -59,7 +61,7 @@ UPDATE_DELIVERY_LIMIT = 5
 REJECT_REASON_HEADER = "x-fedmq-reject-reason"
 
 
-class TopologyError(ValueError):
+class TopologyError(BrokerError, ValueError):
     """A name that cannot be used in the topology (for example an invalid site id)."""
 
 

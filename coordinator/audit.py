@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.errors import AuditError
+
 GENESIS_HASH = "0" * 64
 
 
@@ -80,7 +82,7 @@ class AuditLog:
         head = self.last_hash
         for record in records:
             if record.get("prev_hash") != head:
-                raise ValueError("record was sealed against another chain head")
+                raise AuditError("record was sealed against another chain head")
             head = record["hash"]
         if not records:
             return
@@ -89,11 +91,6 @@ class AuditLog:
         os.fsync(self._handle.fileno())
         self.count += len(records)
         self.last_hash = head
-
-    def append(self, fields: dict[str, Any]) -> dict[str, Any]:
-        record = self.seal(fields)
-        self.append_sealed(record)
-        return record
 
     def close(self) -> None:
         self._digester.shutdown(wait=True)

@@ -25,15 +25,12 @@ from typing import Any, NamedTuple
 import msgpack
 import torch
 
+from coordinator.errors import CheckpointError
 from schemas.tensors import DTYPE_NAMES, DTYPES, raw_view
 
 MANIFEST = "checkpoint.msgpack"
 TENSOR_DIR = "tensors"
 _TENSOR_TAG = "__tensor__"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read back."""
 
 
 def _fsync_directory(path: Path) -> None:

@@ -16,7 +16,6 @@ class SiteStatus:
     last_seen: float | None = None
     up: bool = False
     state: str = "unknown"
-    updates_accepted: int = 0
 
 
 @dataclass

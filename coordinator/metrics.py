@@ -5,7 +5,7 @@
 | fedmq_model_version | gauge | | current global model version |
 | fedmq_updates_received_total | counter | site | updates taken off the queue |
 | fedmq_updates_applied_total | counter | site | updates accepted (applied or buffered) |
-| fedmq_updates_rejected_total | counter | site, reason | updates refused, by reason |
+| fedmq_updates_rejected_total | counter | site, reason | updates refused, by reason (see below) |
 | fedmq_updates_redelivered_total | counter | site | redelivered after a restart, already held: acked only |
 | fedmq_update_staleness | histogram | site | staleness (versions) of accepted updates |
 | fedmq_max_staleness | gauge | | the configured staleness bound |
@@ -21,11 +21,18 @@
 | fedmq_eval_global | gauge | metric, aggregate | mean over hospitals / example-weighted (pooled) |
 | fedmq_last_version_timestamp_seconds | gauge | | unix time of the last new version |
 | fedmq_seconds_since_last_version | gauge | | computed at scrape time |
+| fedmq_status_errors_total | counter | site | status messages dropped after an internal error (see the log) |
 | fedmq_coordinator_info | gauge | strategy, task, version | always 1 |
+
+Rejection reasons: unknown-site, identity-mismatch, oversized, malformed, wrong-shape, non-finite,
+norm-too-large, stale, duplicate (checked by the coordinator); site-share, wrong-round, already-in-round,
+no-examples (refused by the strategy); internal-error (an unexpected exception while handling the update: a bug
+in the coordinator, the update is dead-lettered and the log holds the traceback).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import time
 from collections.abc import Callable
 
@@ -34,6 +41,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 5, 8, 10, 15, 20, 30, 50)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SIZE_BUCKETS = tuple(float(4**power) for power in range(5, 15))  # 1 KiB .. 256 MiB
+
+
+def fedmq_version() -> str:
+    """The installed fedmq's version, from the package metadata (``unknown`` when run from a bare checkout)."""
+    try:
+        return importlib.metadata.version("fedmq")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class CoordinatorMetrics:
@@ -48,6 +63,12 @@ class CoordinatorMetrics:
         )
         self.updates_rejected = Counter(
             "fedmq_updates_rejected", "Updates refused, by reason", ["site", "reason"], registry=registry
+        )
+        self.status_errors = Counter(
+            "fedmq_status_errors",
+            "Status messages dropped after an internal error while handling them",
+            ["site"],
+            registry=registry,
         )
         self.updates_redelivered = Counter(
             "fedmq_updates_redelivered",

@@ -10,29 +10,17 @@ import math
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
 from broker.transport import Delivery
+from coordinator.reasons import Reason
 from schemas import DecodeLimits, MessageTooLarge, ModelUpdate, SchemaError, first_non_finite
-
-
-class Reason(str, Enum):
-    UNKNOWN_SITE = "unknown-site"
-    IDENTITY_MISMATCH = "identity-mismatch"
-    OVERSIZED = "oversized"
-    MALFORMED = "malformed"
-    WRONG_SHAPE = "wrong-shape"
-    NON_FINITE = "non-finite"
-    NORM_TOO_LARGE = "norm-too-large"
-    STALE = "stale"
-    DUPLICATE = "duplicate"
 
 
 @dataclass(frozen=True)
 class Rejection:
-    reason: str
+    reason: Reason
     detail: str
     site_id: str
     update: ModelUpdate | None = None

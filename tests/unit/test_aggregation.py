@@ -28,10 +28,9 @@ from coordinator.aggregation import (
     add_scaled,
     build_strategy,
     interpolate,
-    l2_norm,
     staleness_function,
-    weighted_average,
 )
+from coordinator.validation import update_norm
 
 
 def params(*values: float, dtype: torch.dtype = torch.float32) -> Params:
@@ -136,23 +135,6 @@ def test_negative_staleness_is_refused() -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_weighted_average_is_flower_aggregate() -> None:
-    first, second = params(1.0, 2.0), params(4.0, -1.0)
-
-    average = weighted_average([(first, 1.0), (second, 3.0)])
-
-    assert values_of(average) == pytest.approx([(1 * 1 + 3 * 4) / 4, (1 * 2 + 3 * -1) / 4])
-
-
-def test_weighted_average_refuses_zero_weights_and_mismatched_models() -> None:
-    with pytest.raises(AggregationError, match="sum to zero"):
-        weighted_average([(params(1.0, 2.0), 0.0)])
-    with pytest.raises(AggregationError, match="shape"):
-        weighted_average([(params(1.0, 2.0), 1.0), (params(1.0, 2.0, 3.0), 1.0)])
-    with pytest.raises(AggregationError, match="missing \\['w'\\]"):
-        weighted_average([(params(1.0, 2.0), 1.0), ({"v": torch.zeros(2)}, 1.0)])
-
-
 def test_add_scaled_keeps_dtype_and_leaves_inputs_untouched() -> None:
     base = params(1.0, 2.0, dtype=torch.float64)
     direction = params(0.5, -1.0)
@@ -186,8 +168,8 @@ def test_integer_buffers_are_rounded_and_keep_their_dtype() -> None:
     assert int(result["num_batches_tracked"]) == 12  # 10 + 2.5 rounds to even
 
 
-def test_l2_norm_spans_all_tensors() -> None:
-    assert l2_norm({"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([12.0])}) == pytest.approx(13.0)
+def test_update_norm_spans_all_tensors() -> None:
+    assert update_norm({"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([12.0])}) == pytest.approx(13.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -466,9 +448,6 @@ def test_sync_fedavg_is_the_example_weighted_mean_of_the_local_models() -> None:
     # (1 * [3, 1] + 3 * [1, 5] + 4 * [1, 1]) / 8 = [10 / 8, 20 / 8]
     assert results[:2] == [None, None]
     assert values_of(results[2]) == pytest.approx([1.25, 2.5])
-    assert values_of(results[2]) == pytest.approx(
-        values_of(weighted_average([(local, examples) for local, examples in local_models.values()]))
-    )
 
 
 def test_sync_round_rules_refuse_wrong_round_repeats_and_strangers() -> None:
@@ -688,3 +667,46 @@ def test_interpolate_is_exact_where_the_models_agree() -> None:
     same = params(0.1, -7.3)
 
     assert torch.equal(interpolate(same, same, 0.37)["w"], same["w"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the service asks of a strategy
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_each_strategy_says_what_the_service_needs_to_know() -> None:
+    fedasync, buffered, sync = FedAsync(), FedBuff(buffer_size=4), SyncFedAvg()
+    sync.set_sites(["a", "b", "c"])
+    buffered.set_sites(["a", "b", "c"])  # a strategy that does not wait for sites ignores them
+
+    assert [fedasync.keeps_base_history, buffered.keeps_base_history, sync.keeps_base_history] == [True, False, False]
+    assert [fedasync.trains_on_same_version, buffered.trains_on_same_version, sync.trains_on_same_version] == [
+        True,
+        True,
+        False,
+    ]
+    assert [fedasync.capacity, buffered.capacity, sync.capacity, SyncFedAvg().capacity] == [1, 4, 3, 1]
+
+
+class FailingStep(ServerOptimizer):
+    def step(self, params: Any, pseudo_gradient: Any) -> Params:
+        raise RuntimeError("simulated failure")
+
+
+@pytest.mark.parametrize("example_weighted", [False, True])
+def test_an_add_that_fails_leaves_the_fedbuff_buffer_as_it_was(example_weighted: bool) -> None:
+    # Prepare: one update buffered, K = 2
+    strategy = FedBuff(buffer_size=2, server_optimizer=FailingStep("sgd"), example_weighted=example_weighted)
+    global_params = params(1.0, 1.0)
+    strategy.add(global_params, 0, contribution(params(1.0, 2.0), update_id="u1"), global_params)
+    before = strategy.state_dict()
+
+    # Execute: the second update fills the buffer; the step fails
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        strategy.add(global_params, 0, contribution(params(5.0, 5.0), site_id="site-b", update_id="u2"), global_params)
+
+    # Assert
+    after = strategy.state_dict()
+    assert after["update_ids"] == before["update_ids"] == ["u1"]
+    assert after["buffered_examples"] == before["buffered_examples"]
+    assert values_of(after["weighted_delta_sum"]) == values_of(before["weighted_delta_sum"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,10 +13,17 @@ from coordinator.audit import AuditLog, read_records, record_hash, verify_chain
 from fedmq.cli import main
 
 
+def append(audit: AuditLog, fields: dict[str, Any]) -> dict[str, Any]:
+    """Seal and append one record, as the group commit does for a batch of one."""
+    record = audit.seal(fields)
+    audit.append_sealed(record)
+    return record
+
+
 def write_log(path: Path, count: int = 5) -> None:
     audit = AuditLog(path)
     for number in range(1, count + 1):
-        audit.append({"kind": "update", "site": "a", "update_id": f"u{number}", "outcome": "accepted", "norm": 0.5})
+        append(audit, {"kind": "update", "site": "a", "update_id": f"u{number}", "outcome": "accepted", "norm": 0.5})
     audit.close()
 
 
@@ -45,7 +53,7 @@ def test_a_reopened_log_continues_the_chain(tmp_path: Path) -> None:
 
     # Execute
     audit = AuditLog(path)
-    record = audit.append({"kind": "update", "outcome": "rejected", "reason": "stale"})
+    record = append(audit, {"kind": "update", "outcome": "rejected", "reason": "stale"})
     audit.close()
 
     # Assert
@@ -125,7 +133,7 @@ def test_a_torn_last_line_is_dropped_on_open_and_the_chain_goes_on(tmp_path: Pat
 
     # Execute
     audit = AuditLog(path)
-    audit.append({"kind": "update", "update_id": "u4", "outcome": "accepted"})
+    append(audit, {"kind": "update", "update_id": "u4", "outcome": "accepted"})
     audit.close()
 
     # Assert
@@ -139,7 +147,7 @@ def test_a_record_sealed_against_an_old_head_is_refused(tmp_path: Path) -> None:
     # Prepare
     audit = AuditLog(tmp_path / "audit.jsonl")
     sealed = audit.seal({"kind": "update"})
-    audit.append({"kind": "update"})
+    append(audit, {"kind": "update"})
 
     # Execute / Assert
     with pytest.raises(ValueError, match="another chain head"):

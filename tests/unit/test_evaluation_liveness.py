@@ -361,3 +361,27 @@ def test_a_damaged_final_model_file_is_reported_as_a_model_file_error(tmp_path: 
     # Execute / Assert
     with pytest.raises(ModelFileError, match="not a readable safetensors file"):
         read_safetensors(path)
+
+
+def test_a_status_message_that_fails_is_dropped_counted_and_the_service_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: handling a's heartbeat hits a bug
+    federation = start_federation(tmp_path, fedbuff())
+    real_heard_from = federation.coordinator.liveness.heard_from
+
+    def buggy(site: str, at: float, state: str | None = None) -> bool:
+        if site == "a":
+            raise KeyError("simulated bug")
+        return real_heard_from(site, at, state)
+
+    monkeypatch.setattr(federation.coordinator.liveness, "heard_from", buggy)
+
+    # Execute
+    heartbeat(federation, "a")
+    heartbeat(federation, "b")
+
+    # Assert: a's message is counted and acked, b's is handled as usual
+    assert federation.sample("fedmq_status_errors_total", site="a") == 1
+    assert federation.sample("fedmq_site_up", site="b") == 1
+    assert federation.transport.unacked == {}

@@ -1,0 +1,39 @@
+"""The coordinator's errors, one tree. A failed site is data (a ``Reason``), never one of these::
+
+    CoordinatorError                   root
+    ├── AggregationError (ValueError)  a bad strategy configuration, a checkpoint from another strategy, or
+    │                                  tensors that do not line up with the model; the strategy is left unchanged
+    └── StorageError                   what should be durable may not be: nothing may be acked (as for OSError)
+        ├── CheckpointError (RuntimeError)  a checkpoint that cannot be read back
+        └── AuditError (ValueError)         an audit record that does not continue the chain
+
+``OSError`` from a write is a storage error too; the handlers' guards let both through (``STORAGE_ERRORS``), so the
+process stops rather than ack what is not durable. The config's ``ConfigError`` and the final model file's
+``ModelFileError`` live in their modules.
+"""
+
+from __future__ import annotations
+
+
+class CoordinatorError(Exception):
+    """Root of the coordinator's errors."""
+
+
+class AggregationError(CoordinatorError, ValueError):
+    """Aggregation cannot proceed; raised before any state changes, so nothing is half-applied."""
+
+
+class StorageError(CoordinatorError):
+    """The run's durable state (checkpoint, audit log) cannot be written or read back as it should."""
+
+
+class CheckpointError(StorageError, RuntimeError):
+    """A checkpoint that cannot be read back."""
+
+
+class AuditError(StorageError, ValueError):
+    """An audit record sealed against another chain head than the log's."""
+
+
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, StorageError)
+"""Not caught by a handler's guard: a failed write means nothing is durable, so nothing may be acked."""
