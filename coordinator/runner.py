@@ -18,13 +18,13 @@ from broker.declare import declare_topology_at
 from broker.errors import BrokerNotReachable
 from broker.pika_transport import ConnectionSettings, PikaTransport, run_reconnecting
 from broker.transport import TransportConnectionError
-from coordinator.aggregation import build_strategy
 from coordinator.audit import AuditLog
 from coordinator.checkpoint import CheckpointStore
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import EvaluationBook
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import Coordinator
+from coordinator.strategy_builder import build_strategy_from_settings
 from schemas import ModelFingerprint
 from site_agent.tasks.base import architecture_digest
 from site_agent.tasks.registry import task_from_options
@@ -53,12 +53,9 @@ def build_coordinator(config: CoordinatorConfig, registry: CollectorRegistry) ->
     torch.manual_seed(config.seed)
     model = task.build_model()
     initial = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    strategy_params = dict(config.strategy.params)
-    if config.strategy.name == "fedavg-sync":
-        strategy_params.setdefault("sites", list(config.sites))
     coordinator = Coordinator(
         config,
-        strategy=build_strategy(config.strategy.name, **strategy_params),
+        strategy=build_strategy_from_settings(config.strategy, config.sites),
         initial_params=initial,
         fingerprint=ModelFingerprint(task=task.name, architecture=architecture_digest(model)),
         metrics=CoordinatorMetrics(registry),

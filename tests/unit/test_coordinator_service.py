@@ -30,7 +30,7 @@ from coordinator.aggregation import (
 )
 from coordinator.audit import AuditLog, read_records, verify_chain
 from coordinator.checkpoint import CheckpointStore
-from coordinator.config import CoordinatorConfig, StoppingSettings, StrategySettings, ValidationSettings
+from coordinator.config import CoordinatorConfig, StoppingSettings, ValidationSettings
 from coordinator.evaluation import EvaluationBook
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.runner import build_coordinator
@@ -171,7 +171,7 @@ def start_federation(
         task="tiny",
         sites=SITES,
         state_dir=tmp_path,
-        strategy=StrategySettings(name=strategy.name, max_staleness=max_staleness),
+        strategy={"name": strategy.name, "max_staleness": max_staleness},
         validation=validation or ValidationSettings(max_update_norm=100.0),
         **config_overrides,
     )
@@ -601,7 +601,7 @@ def test_sync_fedavg_round_times_out_with_the_updates_at_hand(tmp_path: Path) ->
 
 
 StrategyChoice = tuple[str, dict[str, Any]]
-FEDBUFF_ADAM: StrategyChoice = ("fedbuff", {"buffer_size": 3, "server_optimizer": "adam"})
+FEDBUFF_ADAM: StrategyChoice = ("fedbuff", {"buffer_size": 3, "server_optimizer": {"name": "adam"}})
 
 
 def heart_config(state_dir: Path, strategy: StrategyChoice = FEDBUFF_ADAM, max_staleness: int = 5) -> CoordinatorConfig:
@@ -610,7 +610,7 @@ def heart_config(state_dir: Path, strategy: StrategyChoice = FEDBUFF_ADAM, max_s
         task="heart-disease",
         sites=SITES,
         state_dir=state_dir,
-        strategy=StrategySettings(name=name, max_staleness=max_staleness, params=params),
+        strategy={"name": name, "max_staleness": max_staleness, **params},
     )
 
 
@@ -713,8 +713,8 @@ def test_a_restarted_coordinator_resumes_version_params_buffer_and_duplicate_mem
 INTERRUPTED_RUNS: dict[str, tuple[StrategyChoice, Callable[[int], int], int]] = {
     # strategy, how far behind each update's base is, the version the updates lead to
     "fedbuff-adam": (FEDBUFF_ADAM, fedbuff_bases, 3),
-    "fedasync": (("fedasync", {"alpha": 0.6, "staleness": "hinge"}), lambda index: index - index % 3, 10),
-    "fedavg-sync-adam": (("fedavg-sync", {"server_optimizer": "adam"}), lambda index: index // 3, 3),
+    "fedasync": (("fedasync", {"alpha": 0.6, "staleness": {"function": "hinge"}}), lambda index: index - index % 3, 10),
+    "fedavg-sync-adam": (("fedavg-sync", {"server_optimizer": {"name": "adam"}}), lambda index: index // 3, 3),
 }
 
 

@@ -1,0 +1,45 @@
+"""The strategy a validated ``[strategy]`` table describes, built through the strategies' own constructors.
+
+The config models (``coordinator.config``) have already checked every choice and range, so this module only maps
+settings to constructor arguments: the option names of ``[strategy.staleness]`` and ``[strategy.server_optimizer]``
+are the keyword arguments of ``staleness_function`` and ``ServerOptimizer``. The constructors keep their own checks
+for callers that build strategies in code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from coordinator.aggregation import FedAsync, FedBuff, ServerOptimizer, Strategy, SyncFedAvg, staleness_function
+from coordinator.config import FedAsyncSettings, FedBuffSettings, ServerOptimizerSettings, StrategySettings
+
+
+def build_strategy_from_settings(settings: StrategySettings, sites: Iterable[str]) -> Strategy:
+    """The strategy of ``[strategy]``; ``sites`` (the run's site list) is the round a synchronous strategy waits
+    for."""
+    if isinstance(settings, FedAsyncSettings):
+        staleness = settings.staleness
+        return FedAsync(
+            alpha=settings.alpha,
+            staleness=staleness_function(staleness.function, **staleness.model_dump(exclude={"function"})),
+        )
+    if isinstance(settings, FedBuffSettings):
+        staleness = settings.staleness
+        return FedBuff(
+            buffer_size=settings.buffer_size,
+            staleness=staleness_function(staleness.function, **staleness.model_dump(exclude={"function"})),
+            max_site_share=settings.max_site_share,
+            server_optimizer=server_optimizer(settings.server_optimizer),
+            example_weighted=settings.example_weighted,
+        )
+    return SyncFedAvg(
+        sites=list(sites),
+        round_timeout_seconds=settings.round_timeout_seconds,
+        min_updates=settings.min_updates,
+        server_optimizer=server_optimizer(settings.server_optimizer),
+    )
+
+
+def server_optimizer(settings: ServerOptimizerSettings) -> ServerOptimizer:
+    """A fresh optimiser of ``[strategy.server_optimizer]`` (its moments start at zero; a checkpoint restores them)."""
+    return ServerOptimizer(settings.name, **settings.model_dump(exclude={"name"}))
