@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -355,3 +356,26 @@ def test_coordinator_run_with_a_bad_file_exits_with_one_line_naming_the_key(tmp_
     assert result.stderr.strip().splitlines() == [
         f"error: {path}: strategy.server_optimizer.learning_rate = -1: must be > 0"
     ]
+
+
+def docstring_example(module_doc: str) -> str:
+    block = module_doc.split("::\n", 1)[1].split('\n"""', 1)[0]
+    return textwrap.dedent(block)
+
+
+def test_the_module_docstring_example_is_a_valid_file(tmp_path: Path) -> None:
+    import coordinator.config
+
+    assert coordinator.config.__doc__ is not None
+    config = load_config(write(tmp_path, docstring_example(coordinator.config.__doc__)))
+
+    assert config.strategy.name == "fedbuff" and config.strategy.server_optimizer.name == "adam"
+
+
+@pytest.mark.parametrize("strategy", ["fedbuff", "fedasync", "fedavg-sync"])
+def test_the_file_the_demo_writes_is_valid(tmp_path: Path, strategy: str) -> None:
+    from fedmq.demo import DemoOptions, coordinator_toml
+
+    text = coordinator_toml(DemoOptions(state_dir=tmp_path, strategy=strategy), "amqp://u:p@127.0.0.1:5682/x", 9464)
+
+    assert load_config(write(tmp_path, text)).strategy.name == strategy

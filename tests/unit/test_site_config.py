@@ -111,3 +111,14 @@ def test_site_commands_with_a_bad_file_exit_with_one_line_naming_the_key(tmp_pat
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"error: {path}: agent.slowdown = 0: must be >= 1"]
+
+
+def test_the_module_docstring_example_is_a_valid_file(tmp_path: Path) -> None:
+    import textwrap
+
+    import site_agent.config
+
+    assert site_agent.config.__doc__ is not None
+    example = textwrap.dedent(site_agent.config.__doc__.split("::\n", 1)[1])
+
+    assert load_site_config(write(tmp_path, example)).site_id == "cleveland"
