@@ -379,3 +379,36 @@ def test_the_file_the_demo_writes_is_valid(tmp_path: Path, strategy: str) -> Non
     text = coordinator_toml(DemoOptions(state_dir=tmp_path, strategy=strategy), "amqp://u:p@127.0.0.1:5682/x", 9464)
 
     assert load_config(write(tmp_path, text)).strategy.name == strategy
+
+
+def test_coordinator_run_reads_its_file_once_and_fills_in_the_state_dir_sites_and_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+
+    import coordinator.config
+    from coordinator.cli import resolve_config
+
+    # Prepare: a file without state_dir or sites, and two provisioned sites
+    path = write(tmp_path, "[metrics]\nport = 9500\n")
+    (tmp_path / "state" / "sites").mkdir(parents=True)
+    for site in ("hungary", "cleveland"):
+        (tmp_path / "state" / "sites" / f"{site}.toml").write_text("")
+    reads: list[Path] = []
+    real_read = coordinator.config.read_toml
+
+    def counted_read(file: Path, error: type[Exception]) -> dict[str, object]:
+        reads.append(file)
+        return real_read(file, error)
+
+    monkeypatch.setattr(coordinator.config, "read_toml", counted_read)
+    args = argparse.Namespace(config=path, state_dir=tmp_path / "state", metrics_port=9600)
+
+    # Execute
+    config = resolve_config(args)
+
+    # Assert
+    assert reads == [path]
+    assert config.state_dir == tmp_path / "state" / "coordinator"
+    assert config.sites == ("cleveland", "hungary")
+    assert config.metrics.port == 9600
