@@ -55,9 +55,8 @@ def choice_by(key: str, default: str, *tags: str) -> Discriminator:
     """
 
     def pick(value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return value.get(key, default)
-        return getattr(value, key, None)
+        chosen = value.get(key, default) if isinstance(value, Mapping) else getattr(value, key, None)
+        return chosen if isinstance(chosen, str) else None  # not a name: refused as not one of the choices
 
     return Discriminator(
         pick,
@@ -82,7 +81,11 @@ class DataclassTable:
         def construct(value: Any, validate: core_schema.ValidatorFunctionWrapHandler) -> Any:
             if isinstance(value, kind):
                 return value
-            return kind(**validate(value).model_dump(exclude_unset=True))
+            fields = validate(value).model_dump(exclude_unset=True)
+            try:
+                return kind(**fields)
+            except TypeError as exc:  # pydantic reports ValueErrors; a constructor's TypeError is one too, here
+                raise ValueError(str(exc)) from exc
 
         return core_schema.no_info_wrap_validator_function(
             construct,

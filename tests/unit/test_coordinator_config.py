@@ -236,6 +236,7 @@ def test_the_summary_view_is_plain_json_values(tmp_path: Path) -> None:
         ("update_prefetch = 0\n", "update_prefetch = 0: must be >= 1"),
         ("[metrics]\nport = 999999\n", "metrics.port = 999999: must be <= 65535"),
         ('[strategy]\nname = "fedprox"\n', 'strategy.name = "fedprox": must be one of fedasync, fedbuff, fedavg-sync'),
+        ("[strategy]\nname = 3\n", "strategy.name = 3: must be one of fedasync, fedbuff, fedavg-sync"),
         (
             "[strategy.server_optimizer]\nlearning_rate = 0\n",
             "strategy.server_optimizer.learning_rate = 0: must be > 0",
