@@ -599,7 +599,12 @@ def strategy_settings() -> str:
     described = []
     for name, table in STRATEGY_TABLES.items():
         strategy = tomllib.loads(table)["strategy"]
-        settings = {"max_staleness": strategy.get("max_staleness"), **strategy.get("params", {})}
+        settings = {
+            f"{key}.{inner}" if isinstance(value, dict) else key: inner_value
+            for key, value in strategy.items()
+            if key != "name"
+            for inner, inner_value in (value.items() if isinstance(value, dict) else [(key, value)])
+        }
         described.append(f"{name} ({', '.join(f'{key}={value}' for key, value in settings.items())})")
     return "; ".join(described)
 

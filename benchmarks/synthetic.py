@@ -156,7 +156,7 @@ def synthetic_coordinator_toml(
     return f"""# written by fedmq bench
 sites = {json.dumps(sites)}
 state_dir = {json.dumps(state_dir)}
-update_prefetch = {prefetch or CoordinatorConfig.update_prefetch}
+update_prefetch = {prefetch or CoordinatorConfig().update_prefetch}
 
 [task]
 name = {json.dumps(synthetic_task_options(num_parameters)["name"])}
@@ -168,7 +168,6 @@ url = {json.dumps(broker_url)}
 [strategy]
 name = "fedbuff"
 max_staleness = 1000000000
-[strategy.params]
 buffer_size = {buffer_size}
 
 [validation]

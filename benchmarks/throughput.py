@@ -64,10 +64,10 @@ from broker.memory import MemoryBroker
 from broker.pika_transport import read_in_frame_sized_chunks
 from broker.topology import Exchange, Kind, Queue, routing_key
 from broker.transport import Delivery
-from coordinator.aggregation import Contribution, FedBuff, build_strategy
+from coordinator.aggregation import Contribution, FedBuff
 from coordinator.audit import AuditLog
 from coordinator.checkpoint import CheckpointStore, write_file_durably
-from coordinator.config import CoordinatorConfig, StrategySettings, ValidationSettings
+from coordinator.config import CoordinatorConfig, FedBuffSettings, ValidationSettings
 from coordinator.evaluation import EvaluationBook
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import Coordinator
@@ -182,12 +182,12 @@ def _measure_split(num_parameters: int, *, threads: int, cycles: int, buffer_siz
         task="bench-synthetic",
         sites=("site-1",),
         state_dir=work_dir,
-        strategy=StrategySettings(name="fedbuff", max_staleness=10**9, params={"buffer_size": buffer_size}),
+        strategy=FedBuffSettings(max_staleness=10**9, buffer_size=buffer_size),
         validation=ValidationSettings(max_update_norm=1e12, max_message_mb=1024),
     )
     coordinator = Coordinator(
         config,
-        strategy=build_strategy("fedbuff", buffer_size=buffer_size),
+        strategy=FedBuff(buffer_size=buffer_size),
         initial_params=params,
         fingerprint=ModelFingerprint(task="bench-synthetic", architecture="bench"),
         metrics=CoordinatorMetrics(registry),
@@ -204,8 +204,7 @@ def _measure_split(num_parameters: int, *, threads: int, cycles: int, buffer_siz
         coordinator.process_update(delivery)
         coordinator.commit()
 
-    side_strategy = build_strategy("fedbuff", buffer_size=buffer_size)
-    assert isinstance(side_strategy, FedBuff)
+    side_strategy = FedBuff(buffer_size=buffer_size)
     side_params = {name: tensor.clone() for name, tensor in params.items()}
     side_version = 0
     limits = DecodeLimits(max_message_bytes=1024 * 1024 * 1024)

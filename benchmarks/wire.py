@@ -301,7 +301,6 @@ url = {json.dumps(broker.coordinator_url)}
 [strategy]
 name = "fedbuff"
 max_staleness = 20
-[strategy.params]
 buffer_size = 3
 
 [training]

@@ -7,7 +7,6 @@ import logging
 import signal
 import sys
 import threading
-from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -16,11 +15,6 @@ if TYPE_CHECKING:
     from coordinator.config import CoordinatorConfig
 
 from prometheus_client import CollectorRegistry
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 log = logging.getLogger("fedmq.coordinator")
 
@@ -37,7 +31,7 @@ def register(subcommands: Any) -> None:
         "Resumes from the checkpoint in its state dir.",
     )
     run.add_argument("--config", type=Path, help="coordinator.toml (every option has a default)")
-    run.add_argument("--metrics-port", type=int, help="override [metrics] port")
+    run.add_argument("--metrics-port", type=port_number, help="override [metrics] port")
     run.set_defaults(handler=run_command)
     coordinator.set_defaults(handler=lambda args: _help(coordinator))
 
@@ -56,24 +50,31 @@ def _help(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+def port_number(text: str) -> int:
+    """A TCP port for ``--metrics-port``, refused by argparse (one line, exit 2) when out of range."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not in 1..65535")
+    return port
+
+
 def resolve_config(args: argparse.Namespace) -> CoordinatorConfig:
-    """The file, with the state dir and (when the file names none) the provisioned sites filled in."""
-    from coordinator.runner import load_config
+    """The file (read once), with the state dir and (when the file names none) the provisioned sites filled in."""
+    from coordinator.config import load_config, with_changes
 
     config = load_config(args.config)
-    if args.config is None or "state_dir" not in read_toml_keys(args.config):
-        config = replace(config, state_dir=args.state_dir / "coordinator")
+    changes: dict[str, Any] = {}
+    if "state_dir" not in config.model_fields_set:
+        changes["state_dir"] = args.state_dir / "coordinator"
     if not config.sites:
         sites_dir = args.state_dir / "sites"
-        config = replace(config, sites=tuple(sorted(path.stem for path in sites_dir.glob("*.toml"))))
+        changes["sites"] = tuple(sorted(path.stem for path in sites_dir.glob("*.toml")))
     if args.metrics_port is not None:
-        config = replace(config, metrics=replace(config.metrics, port=args.metrics_port))
-    return config
-
-
-def read_toml_keys(path: Path) -> set[str]:
-    with path.open("rb") as handle:
-        return set(tomllib.load(handle))
+        changes["metrics"] = config.metrics.model_copy(update={"port": args.metrics_port})
+    return with_changes(config, **changes) if changes else config
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
-"""The coordinator's configuration: small typed objects, every option with a default.
+"""The coordinator's configuration, ``coordinator.toml``: one pydantic model, every option with a default and a
+description (the models below are the reference), validated when it is built.
 
-Only ``load_config`` touches a file; everything else receives a ``CoordinatorConfig``. An example
-``coordinator.toml``::
+Only ``load_config`` touches a file; everything else receives a ``CoordinatorConfig``. A bad file is a
+``ConfigError`` whose one-line message names the file, the key, the value and what is allowed. An example::
 
     task = "heart-disease"
     sites = ["cleveland", "hungary", "switzerland", "long-beach"]   # empty: every provisioned site
@@ -10,12 +11,15 @@ Only ``load_config`` touches a file; everything else receives a ``CoordinatorCon
     url = "amqp://fedmq-coordinator:...@127.0.0.1:5682/fedmq"
 
     [strategy]
-    name = "fedbuff"                 # fedasync | fedbuff | fedavg-sync
+    name = "fedbuff"                 # fedasync | fedbuff | fedavg-sync; each takes its own options
     max_staleness = 20
-    [strategy.params]                # passed to the strategy as keyword arguments
     buffer_size = 3
-    server_optimizer = "adam"
-    server_learning_rate = 0.01
+    [strategy.staleness]             # constant | polynomial (a) | hinge (a, b)
+    function = "polynomial"
+    a = 0.5
+    [strategy.server_optimizer]      # sgd | momentum | adam | yogi | adagrad
+    name = "adam"
+    learning_rate = 0.01
 
     [training]                       # sent to every site inside the global model
     local_steps = 100
@@ -43,180 +47,310 @@ Only ``load_config`` touches a file; everything else receives a ``CoordinatorCon
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from collections.abc import Mapping
 from pathlib import Path
-from types import UnionType
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, Tag, ValidationError, ValidationInfo, field_validator, model_validator
 
 from schemas import TrainingConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from schemas.config_files import ConfigTable, choice_by, dataclass_table, describe, read_toml
 
 
 class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the key."""
+    """A config file that cannot be used; the message (one line) names the file and the key."""
 
 
-@dataclass(frozen=True)
-class BrokerSettings:
-    url: str = "amqp://fedmq-coordinator@127.0.0.1:5682/fedmq"
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
+class BrokerSettings(ConfigTable):
+    """``[broker]``: where the coordinator connects. Relative TLS paths are relative to the config file."""
+
+    url: str = Field(
+        "amqp://fedmq-coordinator@127.0.0.1:5682/fedmq",
+        pattern=r"^amqps?://",
+        description="AMQP URL with the coordinator's credentials (amqps:// with the three files below for TLS).",
+    )
+    ca_file: str | None = Field(None, description="CA certificate (PEM) that signed the broker's certificate.")
+    cert_file: str | None = Field(None, description="The coordinator's client certificate (PEM), for amqps://.")
+    key_file: str | None = Field(None, description="The private key of cert_file (PEM).")
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _relative_to_the_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        base_dir = (info.context or {}).get("base_dir")
+        return str(base_dir / value) if value and base_dir is not None else value
 
 
-@dataclass(frozen=True)
-class StrategySettings:
-    name: str = "fedbuff"
-    max_staleness: int = 20
-    params: dict[str, Any] = field(default_factory=dict)
+# ---------------------------------------------------------------------------------------------- staleness
 
 
-@dataclass(frozen=True)
-class ValidationSettings:
-    max_update_norm: float = 1e4
-    max_message_mb: float = 256.0
+class ConstantStaleness(ConfigTable):
+    """s(tau) = 1: a stale update counts as much as a fresh one."""
+
+    function: Literal["constant"] = Field("constant", description="The staleness function.")
+
+
+class PolynomialStaleness(ConfigTable):
+    """s(tau) = (tau + 1) ** -a; FedBuff's 1 / sqrt(1 + tau) is a = 0.5."""
+
+    function: Literal["polynomial"] = Field("polynomial", description="The staleness function.")
+    a: float = Field(0.5, ge=0, description="Decay exponent; 0 weighs every update alike.")
+
+
+class HingeStaleness(ConfigTable):
+    """s(tau) = 1 up to b versions behind, then 1 / (a (tau - b) + 1)."""
+
+    function: Literal["hinge"] = Field("hinge", description="The staleness function.")
+    a: float = Field(10.0, ge=0, description="Slope of the decay after the hinge.")
+    b: float = Field(4.0, ge=0, description="Versions behind before the weight starts to fall.")
+
+
+Staleness = Annotated[
+    Annotated[ConstantStaleness, Tag("constant")]
+    | Annotated[PolynomialStaleness, Tag("polynomial")]
+    | Annotated[HingeStaleness, Tag("hinge")],
+    choice_by("function", "polynomial", "constant", "polynomial", "hinge"),
+]
+"""``[strategy.staleness]``: how much an update trained tau versions ago still counts (FedAsync, FedBuff)."""
+
+
+# ---------------------------------------------------------------------------------------------- server optimiser
+
+_LEARNING_RATE = "Server learning rate eta: x <- x + eta * direction."
+_BETA1 = "First-moment decay (0: no momentum)."
+_TAU = "Adaptivity: v starts at tau^2 and the direction is m / (sqrt(v) + tau)."
+
+
+class SgdOptimizer(ConfigTable):
+    """Apply the mean delta as it is (FedAvg with rate 1)."""
+
+    name: Literal["sgd"] = Field("sgd", description="The server optimiser.")
+    learning_rate: float = Field(1.0, gt=0, description=_LEARNING_RATE)
+
+
+class MomentumOptimizer(ConfigTable):
+    """FedAvgM: m <- momentum * m + g."""
+
+    name: Literal["momentum"] = Field("momentum", description="The server optimiser.")
+    learning_rate: float = Field(1.0, gt=0, description=_LEARNING_RATE)
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum coefficient.")
+
+
+class AdamOptimizer(ConfigTable):
+    """FedAdam (Reddi et al. 2021, no bias correction)."""
+
+    name: Literal["adam"] = Field("adam", description="The server optimiser.")
+    learning_rate: float = Field(0.1, gt=0, description=_LEARNING_RATE)
+    beta1: float = Field(0.9, ge=0, lt=1, description=_BETA1)
+    beta2: float = Field(0.99, ge=0, lt=1, description="Second-moment decay.")
+    tau: float = Field(1e-3, gt=0, description=_TAU)
+
+
+class YogiOptimizer(ConfigTable):
+    """FedYogi: Adam with an additive second-moment update."""
+
+    name: Literal["yogi"] = Field("yogi", description="The server optimiser.")
+    learning_rate: float = Field(0.01, gt=0, description=_LEARNING_RATE)
+    beta1: float = Field(0.9, ge=0, lt=1, description=_BETA1)
+    beta2: float = Field(0.99, ge=0, lt=1, description="Second-moment decay.")
+    tau: float = Field(1e-3, gt=0, description=_TAU)
+
+
+class AdagradOptimizer(ConfigTable):
+    """FedAdagrad: v <- v + g^2."""
+
+    name: Literal["adagrad"] = Field("adagrad", description="The server optimiser.")
+    learning_rate: float = Field(0.1, gt=0, description=_LEARNING_RATE)
+    beta1: float = Field(0.9, ge=0, lt=1, description=_BETA1)
+    tau: float = Field(1e-3, gt=0, description=_TAU)
+
+
+ServerOptimizerSettings = Annotated[
+    Annotated[SgdOptimizer, Tag("sgd")]
+    | Annotated[MomentumOptimizer, Tag("momentum")]
+    | Annotated[AdamOptimizer, Tag("adam")]
+    | Annotated[YogiOptimizer, Tag("yogi")]
+    | Annotated[AdagradOptimizer, Tag("adagrad")],
+    choice_by("name", "sgd", "sgd", "momentum", "adam", "yogi", "adagrad"),
+]
+"""``[strategy.server_optimizer]``: turns the mean delta into a step (FedBuff, fedavg-sync)."""
+
+
+# ---------------------------------------------------------------------------------------------- strategies
+
+_MAX_STALENESS = "Updates trained on a model more than this many versions old are refused as too stale."
+
+
+class FedAsyncSettings(ConfigTable):
+    """FedAsync (Xie et al. 2019): every accepted update makes a version, mixed in with alpha * s(tau)."""
+
+    name: Literal["fedasync"] = Field("fedasync", description="The strategy.")
+    max_staleness: int = Field(20, ge=0, description=_MAX_STALENESS)
+    alpha: float = Field(0.6, gt=0, le=1, description="Mixing weight of a fresh update.")
+    staleness: Staleness = Field(PolynomialStaleness(), description="Weight of a stale update.")
+
+
+class FedBuffSettings(ConfigTable):
+    """FedBuff (Nguyen et al. 2022): buffer K weighted deltas, then step the server optimiser with their mean."""
+
+    name: Literal["fedbuff"] = Field("fedbuff", description="The strategy.")
+    max_staleness: int = Field(20, ge=0, description=_MAX_STALENESS)
+    buffer_size: int = Field(10, ge=1, description="K: updates per version.")
+    max_site_share: float = Field(
+        1.0, gt=0, le=1, description="Share of the buffer one site may hold (ceil(share * K) places)."
+    )
+    example_weighted: bool = Field(False, description="Weight each delta by its site's example count too.")
+    staleness: Staleness = Field(PolynomialStaleness(), description="Weight of a stale update.")
+    server_optimizer: ServerOptimizerSettings = Field(SgdOptimizer(), description="The server step.")
+
+
+class SyncFedAvgSettings(ConfigTable):
+    """Synchronous FedAvg: one update per site per round on the current version, example-weighted."""
+
+    name: Literal["fedavg-sync"] = Field("fedavg-sync", description="The strategy.")
+    max_staleness: int = Field(20, ge=0, description=_MAX_STALENESS)
+    round_timeout_seconds: float = Field(
+        600.0, gt=0, description="A round this old is aggregated with what it has (at least min_updates)."
+    )
+    min_updates: int = Field(1, ge=1, description="Updates a timed-out round needs to be aggregated.")
+    server_optimizer: ServerOptimizerSettings = Field(SgdOptimizer(), description="The server step.")
+
+
+StrategySettings = Annotated[
+    Annotated[FedAsyncSettings, Tag("fedasync")]
+    | Annotated[FedBuffSettings, Tag("fedbuff")]
+    | Annotated[SyncFedAvgSettings, Tag("fedavg-sync")],
+    choice_by("name", "fedbuff", "fedasync", "fedbuff", "fedavg-sync"),
+]
+"""``[strategy]``: ``name`` picks the algorithm, and with it the options the table may hold."""
+
+
+# ---------------------------------------------------------------------------------------------- the other tables
+
+
+class ValidationSettings(ConfigTable):
+    """``[validation]``: bounds an update must meet before it is aggregated."""
+
+    max_update_norm: float = Field(1e4, gt=0, description="Largest L2 norm of an update's delta.")
+    max_message_mb: float = Field(256.0, gt=0, description="Largest update message, in MiB (checked before decoding).")
     # Redelivered updates are caught by their id; resent ones also by their site's seq, so a short memory suffices
     # and keeps the per-update checkpoint small.
-    remembered_update_ids: int = 2_000
+    remembered_update_ids: int = Field(2_000, ge=1, description="Update ids remembered to refuse a duplicate.")
 
 
-@dataclass(frozen=True)
-class LivenessSettings:
-    site_timeout_seconds: float = 60.0
+class LivenessSettings(ConfigTable):
+    """``[liveness]``"""
+
+    site_timeout_seconds: float = Field(60.0, gt=0, description="A site silent this long is counted as down.")
 
 
-@dataclass(frozen=True)
-class StoppingSettings:
-    max_versions: int = 0
-    max_seconds: float = 0.0
-    target_metric: str = ""
-    target_value: float = 0.0
-    target_aggregate: str = "pooled"
-    final_eval_timeout_seconds: float = 30.0
+class StoppingSettings(ConfigTable):
+    """``[stopping]``: the first rule met ends the run (0 or "" turns a rule off)."""
+
+    max_versions: int = Field(0, ge=0, description="Stop at this global version (0: no limit).")
+    max_seconds: float = Field(
+        0.0, ge=0, description="Wall-clock budget from the run's first start, across restarts (0: none)."
+    )
+    target_metric: str = Field(
+        "", description='Stop when this evaluation metric (e.g. "accuracy") reaches target_value.'
+    )
+    target_value: float = Field(0.0, description="The value target_metric must reach.")
+    target_aggregate: Literal["pooled", "mean"] = Field(
+        "pooled", description="How the sites' evaluations combine: pooled (example-weighted) or mean (per site)."
+    )
+    final_eval_timeout_seconds: float = Field(
+        30.0, ge=0, description="How long to wait for the sites' evaluation of the final model."
+    )
 
 
-@dataclass(frozen=True)
-class MetricsSettings:
-    port: int = 9464
-    host: str = "127.0.0.1"
+class MetricsSettings(ConfigTable):
+    """``[metrics]``: the Prometheus endpoint."""
+
+    port: int = Field(9464, ge=1, le=65535, description="TCP port of /metrics.")
+    host: str = Field("127.0.0.1", min_length=1, description="Address to listen on.")
 
 
-@dataclass(frozen=True)
-class CoordinatorConfig:
-    task: str = "heart-disease"
-    task_options: dict[str, Any] = field(default_factory=dict)
-    sites: tuple[str, ...] = ()
-    state_dir: Path = Path(".fedmq/coordinator")
-    seed: int = 0
-    update_prefetch: int = 16
+class CoordinatorConfig(ConfigTable):
+    """``coordinator.toml``. ``task`` is a name, or a ``[task]`` table whose ``name`` picks the task and whose other
+    keys are the task's options (checked by the task itself)."""
+
+    task: str = Field("heart-disease", min_length=1, description="The task (model and data) to federate.")
+    task_options: dict[str, Any] = Field(
+        default_factory=dict, description="The [task] table's other keys, passed to the task."
+    )
+    sites: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
+        (), strict=False, description="Site ids taking part (empty: every site provisioned in the state dir)."
+    )
+    state_dir: Path = Field(
+        Path(".fedmq/coordinator"),
+        strict=False,
+        description="Checkpoint, audit log and results (relative: to the config file).",
+    )
+    seed: int = Field(0, ge=0, description="Seed of the initial model.")
+    update_prefetch: int = Field(
+        16, ge=1, le=65535, description="Updates in flight from the broker; also the group-commit batch."
+    )
     # One torch thread: on a small host, two threads fighting over cores made validation 10-60x slower
     # (docs/BENCHMARKS.md, coordinator throughput).
-    torch_threads: int = 1
-    broker: BrokerSettings = field(default_factory=BrokerSettings)
-    strategy: StrategySettings = field(default_factory=StrategySettings)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    validation: ValidationSettings = field(default_factory=ValidationSettings)
-    liveness: LivenessSettings = field(default_factory=LivenessSettings)
-    stopping: StoppingSettings = field(default_factory=StoppingSettings)
-    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    torch_threads: int = Field(1, ge=1, description="torch CPU threads for validation and aggregation.")
+    broker: BrokerSettings = Field(BrokerSettings(), description="[broker]")
+    strategy: StrategySettings = Field(FedBuffSettings(), description="[strategy]")
+    training: Annotated[TrainingConfig, dataclass_table(TrainingConfig, exclude=("train_on_same_version",))] = Field(
+        TrainingConfig(), description="[training]: how every site trains, sent inside the global model."
+    )
+    validation: ValidationSettings = Field(ValidationSettings(), description="[validation]")
+    liveness: LivenessSettings = Field(LivenessSettings(), description="[liveness]")
+    stopping: StoppingSettings = Field(StoppingSettings(), description="[stopping]")
+    metrics: MetricsSettings = Field(MetricsSettings(), description="[metrics]")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_table(cls, values: Any) -> Any:
+        """``[task] name = ..., other = ...`` -> ``task`` and ``task_options``."""
+        if isinstance(values, Mapping) and isinstance(values.get("task"), Mapping):
+            values = dict(values)
+            options = dict(values.pop("task"))
+            values["task"] = options.pop("name", "heart-disease")
+            values["task_options"] = options
+        return values
+
+    @field_validator("state_dir")
+    @classmethod
+    def _relative_to_the_file(cls, value: Path, info: ValidationInfo) -> Path:
+        base_dir = (info.context or {}).get("base_dir")
+        value = value.expanduser()
+        return value if value.is_absolute() or base_dir is None else base_dir / value
+
+    @field_validator("sites")
+    @classmethod
+    def _each_site_once(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        repeated = sorted({site for site in value if value.count(site) > 1})
+        if repeated:
+            raise ValueError(f"lists {', '.join(repeated)} more than once")
+        return value
 
 
-ConfigT = TypeVar("ConfigT")
-
-_NESTED = {
-    "broker": BrokerSettings,
-    "strategy": StrategySettings,
-    "training": TrainingConfig,
-    "validation": ValidationSettings,
-    "liveness": LivenessSettings,
-    "stopping": StoppingSettings,
-    "metrics": MetricsSettings,
-}
-
-
-def _build(kind: type[ConfigT], values: dict[str, Any], where: str) -> ConfigT:
-    known = {item.name for item in fields(kind)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"[{where}] unknown key(s) {unknown}; known: {sorted(known)}")
-    hints = get_type_hints(kind)
-    return kind(**{key: _checked(value, hints[key], f"[{where}] {key}") for key, value in values.items()})
-
-
-def _checked(value: Any, hint: Any, where: str) -> Any:
-    """The value as its field's type (an int is fine where a float is wanted), or a ConfigError naming the key:
-    a wrong type caught here would otherwise fail deep in the service, on the first update."""
-    arguments = get_args(hint)
-    if get_origin(hint) in (Union, UnionType) and type(None) in arguments:
-        if value is None:
-            return None
-        hint = next(argument for argument in arguments if argument is not type(None))
-    expected = get_origin(hint) or hint
-    if expected is float and type(value) in (int, float):
-        return float(value)
-    if expected is tuple and isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
-        return tuple(value)
-    if expected in (int, str, bool, dict):
-        if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
-            return value
-    elif expected not in (float, tuple):
-        return value  # nested settings, Path: built or converted by the caller
-    wanted = "a list of strings" if expected is tuple else getattr(hint, "__name__", str(hint))
-    raise ConfigError(f"{where} must be {wanted}, got {value!r}")
-
-
-def config_from_dict(values: dict[str, Any], *, base_dir: Path | None = None) -> CoordinatorConfig:
-    values = dict(values)
-    if "task" in values and isinstance(values["task"], dict):  # [task] name = ..., other keys are options
-        task_table = dict(values.pop("task"))
-        values["task"] = task_table.pop("name", CoordinatorConfig.task)
-        values["task_options"] = task_table
-    nested: dict[str, Any] = {}
-    for key, kind in _NESTED.items():
-        if key in values:
-            table = values.pop(key)
-            if not isinstance(table, dict):
-                raise ConfigError(f"[{key}] must be a table")
-            nested[key] = _build(kind, table, key)
-    if "broker" in nested and base_dir is not None:  # like a site config: TLS files relative to this file
-        broker = nested["broker"]
-        paths = {name: getattr(broker, name) for name in ("ca_file", "cert_file", "key_file")}
-        nested["broker"] = replace(broker, **{name: str(base_dir / value) for name, value in paths.items() if value})
-    if "state_dir" in values:
-        state_dir = Path(values["state_dir"]).expanduser()
-        values["state_dir"] = state_dir if state_dir.is_absolute() or base_dir is None else base_dir / state_dir
-    config = _build(CoordinatorConfig, {**values, **nested}, "top level")
-    return config
+def config_from_dict(
+    values: Mapping[str, Any], *, base_dir: Path | None = None, source: str = "config"
+) -> CoordinatorConfig:
+    """Validate a parsed file; relative paths in it are taken relative to ``base_dir``."""
+    try:
+        return CoordinatorConfig.model_validate(values, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, CoordinatorConfig, source)) from None
 
 
 def load_config(path: Path | None) -> CoordinatorConfig:
-    """Read coordinator.toml; a missing path means every default."""
+    """Read coordinator.toml once; a missing path means every default."""
     if path is None:
         return CoordinatorConfig()
-    try:
-        with path.open("rb") as handle:
-            raw = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    try:
-        return config_from_dict(raw, base_dir=path.parent)
-    except TypeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return config_from_dict(read_toml(path, ConfigError), base_dir=path.parent, source=str(path))
 
 
-def as_dict(config: Any) -> Any:
+def with_changes(config: CoordinatorConfig, **changes: Any) -> CoordinatorConfig:
+    """A copy with some top-level fields replaced, validated again (``model_copy`` would not check them)."""
+    return config_from_dict({**dict(config), **changes}, source="the command line")
+
+
+def as_dict(config: CoordinatorConfig) -> dict[str, Any]:
     """A JSON-ready view of a config, for the run summary."""
-    if is_dataclass(config):
-        return {item.name: as_dict(getattr(config, item.name)) for item in fields(config)}
-    if isinstance(config, Path):
-        return str(config)
-    if isinstance(config, (tuple, list)):
-        return [as_dict(item) for item in config]
-    return config
+    return config.model_dump(mode="json")

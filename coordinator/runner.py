@@ -18,15 +18,14 @@ from broker.declare import declare_topology_at
 from broker.errors import BrokerNotReachable
 from broker.pika_transport import ConnectionSettings, PikaTransport, run_reconnecting
 from broker.transport import TransportConnectionError
-from coordinator import config as config_file
-from coordinator.aggregation import build_strategy
+from coordinator.aggregation.build import build_strategy
 from coordinator.audit import AuditLog
 from coordinator.checkpoint import CheckpointStore
-from coordinator.config import ConfigError, CoordinatorConfig
+from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import EvaluationBook
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import Coordinator
-from schemas import FieldError, ModelFingerprint
+from schemas import ModelFingerprint
 from tasks.base import architecture_digest
 from tasks.registry import task_from_options
 
@@ -46,16 +45,6 @@ def state_paths(config: CoordinatorConfig) -> dict[str, Path]:
     }
 
 
-def load_config(path: Path | None) -> CoordinatorConfig:
-    """coordinator.toml, where a ``[training]`` value no site could train with (``TrainingConfig`` refuses it when
-    made) is a ``ConfigError`` naming the key: the program stops before it connects, instead of broadcasting a
-    config every hospital then fails on, on every version."""
-    try:
-        return config_file.load_config(path)
-    except FieldError as exc:
-        raise ConfigError(f"{path}: [training] {exc.field}: {exc.reason}") from None
-
-
 def build_coordinator(config: CoordinatorConfig, registry: CollectorRegistry) -> Coordinator:
     """Version 0 comes from the task (seeded), then any checkpoint in the state dir takes over."""
     config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -64,12 +53,9 @@ def build_coordinator(config: CoordinatorConfig, registry: CollectorRegistry) ->
     torch.manual_seed(config.seed)
     model = task.build_model()
     initial = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    strategy_params = dict(config.strategy.params)
-    if config.strategy.name == "fedavg-sync":
-        strategy_params.setdefault("sites", list(config.sites))
     coordinator = Coordinator(
         config,
-        strategy=build_strategy(config.strategy.name, **strategy_params),
+        strategy=build_strategy(config.strategy, config.sites),
         initial_params=initial,
         fingerprint=ModelFingerprint(task=task.name, architecture=architecture_digest(model)),
         metrics=CoordinatorMetrics(registry),

@@ -44,25 +44,24 @@ STRATEGY_TABLES: dict[str, str] = {
     "fedbuff": """[strategy]
 name = "fedbuff"
 max_staleness = 20
-[strategy.params]
 buffer_size = 3
 max_site_share = 0.67
 example_weighted = true
-server_optimizer = "adam"
-server_learning_rate = 0.02
+[strategy.server_optimizer]
+name = "adam"
+learning_rate = 0.02
 """,
     "fedasync": """[strategy]
 name = "fedasync"
 max_staleness = 100
-[strategy.params]
 alpha = 0.3
-staleness = "polynomial"
-staleness_a = 0.5
+[strategy.staleness]
+function = "polynomial"
+a = 0.5
 """,
     "fedavg-sync": """[strategy]
 name = "fedavg-sync"
 max_staleness = 0
-[strategy.params]
 round_timeout_seconds = 120
 """,
 }

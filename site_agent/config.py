@@ -1,4 +1,6 @@
-"""A hospital's site config: the file ``fedmq broker add-site`` wrote, plus what the hospital adds.
+"""A hospital's site config: the file ``fedmq broker add-site`` wrote, plus what the hospital adds. One pydantic
+model, every option with a default and a description, validated when it is built; relative paths are relative to
+the file.
 
 Example ``sites/cleveland.toml``::
 
@@ -16,7 +18,7 @@ Example ``sites/cleveland.toml``::
 
     [agent]
     seed = 0
-    slowdown = 1.0              # > 1 makes this site proportionally slower (simulating a slow hospital)
+    slowdown = 1.0              # >= 1; > 1 makes this site proportionally slower (simulating a slow hospital)
     heartbeat_seconds = 5
     compression = "none"        # none | float16 | int8 (lossy, for slow links)
     state_dir = ""              # where the agent keeps its update counter; default: next to this file
@@ -24,97 +26,132 @@ Example ``sites/cleveland.toml``::
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from schemas import COMPRESSIONS
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from schemas.config_files import ConfigTable, describe, read_toml
 
 
 class SiteConfigError(ValueError):
-    """A site config that cannot be used; the message names the key."""
+    """A site config that cannot be used; the message (one line) names the file and the key."""
 
 
-@dataclass(frozen=True)
-class AgentSettings:
-    seed: int = 0
-    slowdown: float = 1.0
-    heartbeat_seconds: float = 5.0
-    compression: str = "none"
-    state_dir: str = ""
-    reconnect_max_wait_seconds: float = 30.0
-    threads: int = 1  # torch CPU threads for local training
+def _base_dir(info: ValidationInfo) -> Path | None:
+    base_dir = (info.context or {}).get("base_dir")
+    return base_dir if isinstance(base_dir, Path) else None
 
 
-@dataclass(frozen=True)
-class SiteConfig:
-    site_id: str
-    broker_url: str
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    task: dict[str, Any] = field(default_factory=lambda: {"name": "heart-disease"})
-    agent: AgentSettings = field(default_factory=AgentSettings)
-    state_dir: Path = Path(".")
+class SiteBrokerSettings(ConfigTable):
+    """``[broker]``: where the agent connects (outbound only)."""
+
+    url: str = Field(pattern=r"^amqps?://", description="AMQP URL with this site's credentials (amqps:// for TLS).")
+    ca_file: str | None = Field(None, description="CA certificate (PEM) that signed the broker's certificate.")
+    cert_file: str | None = Field(None, description="This site's client certificate (PEM), for amqps://.")
+    key_file: str | None = Field(None, description="The private key of cert_file (PEM).")
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _relative_to_the_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        base_dir = _base_dir(info)
+        return str((base_dir / value).resolve()) if value is not None and base_dir is not None else value
+
+
+class AgentSettings(ConfigTable):
+    """``[agent]``: how this site's agent runs."""
+
+    seed: int = Field(0, ge=0, description="Seed of local training (batches, dropout).")
+    slowdown: float = Field(1.0, ge=1, description="> 1 makes this site proportionally slower (a slow hospital).")
+    heartbeat_seconds: float = Field(5.0, gt=0, description="Seconds between heartbeats to the coordinator.")
+    compression: Literal["none", "float16", "int8"] = Field(
+        "none", description="How updates are sent: none, or float16 / int8 (lossy, for slow links)."
+    )
+    state_dir: str = Field(
+        "",
+        validate_default=True,  # empty means the file's folder, which only validation knows
+        description="Where the agent keeps its update counter (empty: next to this file; relative: to it).",
+    )
+    reconnect_max_wait_seconds: float = Field(30.0, gt=0, description="Longest wait between reconnection attempts.")
+    threads: int = Field(1, ge=1, description="torch CPU threads for local training.")
+
+    @field_validator("state_dir")
+    @classmethod
+    def _relative_to_the_file(cls, value: str, info: ValidationInfo) -> str:
+        base_dir = _base_dir(info)
+        if base_dir is None:
+            return value
+        state_dir = Path(value).expanduser() if value else base_dir
+        return str(state_dir if state_dir.is_absolute() else base_dir / state_dir)
+
+
+class SiteConfig(ConfigTable):
+    """A site's TOML file. ``[task]`` is checked by the task it names (its options are the task's own)."""
+
+    site_id: str = Field(min_length=1, description="This site's id, as provisioned on the broker.")
+    broker: SiteBrokerSettings = Field(description="[broker]")
+    task: dict[str, Any] = Field(
+        default_factory=lambda: {"name": "heart-disease"},
+        description="[task]: name picks the task, the other keys are its options (data_dir relative to this file).",
+    )
+    agent: AgentSettings = Field(AgentSettings(), description="[agent]")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _agent_table_even_if_absent(cls, values: Any) -> Any:
+        """Validate a missing ``[agent]`` too, so its state dir defaults to the file's folder."""
+        if isinstance(values, Mapping) and "agent" not in values:
+            return {**values, "agent": {}}
+        return values
+
+    @field_validator("task")
+    @classmethod
+    def _task_name_and_data_dir(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        name = value.get("name", "heart-disease")
+        if not isinstance(name, str) or not name:
+            raise ValueError("name: must be a task name (a non-empty string)")
+        base_dir = _base_dir(info)
+        if "data_dir" in value and base_dir is not None:
+            if not isinstance(value["data_dir"], str):
+                raise ValueError("data_dir: must be a path (a string)")
+            value = {**value, "data_dir": str((base_dir / value["data_dir"]).resolve())}
+        return value
 
     @property
     def task_name(self) -> str:
         return str(self.task.get("name", "heart-disease"))
 
+    @property
+    def broker_url(self) -> str:
+        return self.broker.url
 
-def site_config_from_dict(raw: dict[str, Any], *, base_dir: Path) -> SiteConfig:
-    broker = raw.get("broker")
-    if not isinstance(broker, dict) or not isinstance(broker.get("url"), str):
-        raise SiteConfigError("[broker] url is missing")
-    site_id = raw.get("site_id")
-    if not isinstance(site_id, str) or not site_id:
-        raise SiteConfigError("site_id is missing")
-    agent_table = dict(raw.get("agent", {}))
-    known = {item.name for item in fields(AgentSettings)}
-    unknown = sorted(set(agent_table) - known)
-    if unknown:
-        raise SiteConfigError(f"[agent] unknown key(s) {unknown}; known: {sorted(known)}")
-    agent = AgentSettings(**agent_table)
-    if agent.compression not in COMPRESSIONS:
-        raise SiteConfigError(f"[agent] compression must be one of {COMPRESSIONS}, got {agent.compression!r}")
-    if agent.slowdown < 1.0:
-        raise SiteConfigError(f"[agent] slowdown must be >= 1, got {agent.slowdown}")
+    @property
+    def ca_file(self) -> str | None:
+        return self.broker.ca_file
 
-    def path_option(key: str) -> str | None:
-        value = broker.get(key)
-        return None if value is None else str((base_dir / str(value)).resolve())
+    @property
+    def cert_file(self) -> str | None:
+        return self.broker.cert_file
 
-    task = dict(raw.get("task", {"name": "heart-disease"}))
-    if "data_dir" in task:
-        task["data_dir"] = str((base_dir / str(task["data_dir"])).resolve())
-    state_dir = Path(agent.state_dir).expanduser() if agent.state_dir else base_dir
-    return SiteConfig(
-        site_id=site_id,
-        broker_url=broker["url"],
-        ca_file=path_option("ca_file"),
-        cert_file=path_option("cert_file"),
-        key_file=path_option("key_file"),
-        task=task,
-        agent=agent,
-        state_dir=state_dir if state_dir.is_absolute() else (base_dir / state_dir),
-    )
+    @property
+    def key_file(self) -> str | None:
+        return self.broker.key_file
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.agent.state_dir or ".")
+
+
+def site_config_from_dict(raw: Mapping[str, Any], *, base_dir: Path, source: str = "site config") -> SiteConfig:
+    """Validate a parsed site file; relative paths in it are taken relative to ``base_dir``."""
+    try:
+        return SiteConfig.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise SiteConfigError(describe(exc, SiteConfig, source)) from None
 
 
 def load_site_config(path: Path) -> SiteConfig:
-    try:
-        with path.open("rb") as handle:
-            raw = tomllib.load(handle)
-    except FileNotFoundError:
-        raise SiteConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SiteConfigError(f"{path} is not valid TOML: {exc}") from None
-    try:
-        return site_config_from_dict(raw, base_dir=path.parent.resolve())
-    except TypeError as exc:
-        raise SiteConfigError(f"{path}: {exc}") from None
+    """Read and validate a site's TOML file once."""
+    raw = read_toml(path, SiteConfigError)
+    return site_config_from_dict(raw, base_dir=path.parent.resolve(), source=str(path))

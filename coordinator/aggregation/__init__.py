@@ -27,7 +27,6 @@ another strategy, or tensors that do not line up with the model; the strategy's 
 """
 
 from coordinator.aggregation.base import Contribution, Strategy
-from coordinator.aggregation.build import STRATEGY_NAMES, build_strategy
 from coordinator.aggregation.fedasync import FedAsync
 from coordinator.aggregation.fedbuff import FedBuff
 from coordinator.aggregation.server_optimizer import SERVER_OPTIMIZERS, ServerOptimizer
@@ -44,7 +43,6 @@ from coordinator.errors import AggregationError
 __all__ = [
     "SERVER_OPTIMIZERS",
     "STALENESS_KINDS",
-    "STRATEGY_NAMES",
     "AggregationError",
     "Contribution",
     "FedAsync",
@@ -56,7 +54,6 @@ __all__ = [
     "SyncFedAvg",
     "accumulate_scaled",
     "add_scaled",
-    "build_strategy",
     "interpolate",
     "staleness_function",
 ]

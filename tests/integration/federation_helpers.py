@@ -66,7 +66,6 @@ def coordinator_tables(
 [strategy]
 name = "{strategy}"
 max_staleness = 20
-[strategy.params]
 {params}
 
 [training]

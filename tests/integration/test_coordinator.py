@@ -68,7 +68,6 @@ def test_every_rejection_reason_is_named_counted_audited_and_dead_lettered(
         extra="""[strategy]
 name = "fedbuff"
 max_staleness = 2
-[strategy.params]
 buffer_size = 2
 max_site_share = 0.5
 [validation]
@@ -180,9 +179,9 @@ def test_sigkill_at_random_moments_loses_no_confirmed_update_and_applies_none_tw
         extra="""[strategy]
 name = "fedbuff"
 max_staleness = 1000000
-[strategy.params]
 buffer_size = 3
-server_optimizer = "adam"
+[strategy.server_optimizer]
+name = "adam"
 [validation]
 max_update_norm = 1000.0
 """,

@@ -251,7 +251,6 @@ def federation(broker_env: BrokerEnv, tmp_path: Path, prometheus_binary: str) ->
         extra=f"""[strategy]
 name = "fedbuff"
 max_staleness = 20
-[strategy.params]
 buffer_size = 2
 [training]
 local_steps = 10

@@ -26,7 +26,6 @@ from coordinator.aggregation import (
     Strategy,
     SyncFedAvg,
     add_scaled,
-    build_strategy,
     interpolate,
     staleness_function,
 )
@@ -626,41 +625,6 @@ def test_a_checkpoint_from_another_strategy_or_optimiser_is_refused() -> None:
     with pytest.raises(AggregationError, match="server optimiser 'adam'"):
         FedBuff(server_optimizer=ServerOptimizer("sgd")).load_state_dict(fedbuff_state)
     assert checkpoint_safe(FedAsync().state_dict())
-
-
-# ----------------------------------------------------------------------------------------------------
-# Construction from config
-# ----------------------------------------------------------------------------------------------------
-
-
-def test_build_strategy_from_flat_config_keys() -> None:
-    fedasync = build_strategy("fedasync", alpha=0.8, staleness="hinge", staleness_a=5, staleness_b=2)
-    fedbuff = build_strategy("fedbuff", buffer_size=4, server_optimizer="yogi", server_learning_rate=0.02)
-    weighted = build_strategy("fedbuff", example_weighted=True)
-    sync = build_strategy("fedavg-sync", sites=["a", "b"], round_timeout_seconds=30)
-
-    assert isinstance(fedasync, FedAsync) and fedasync.mixing_weight(3) == pytest.approx(0.8 / (5 * 1 + 1))
-    assert isinstance(fedbuff, FedBuff) and fedbuff.server_optimizer.kind == "yogi"
-    assert fedbuff.server_optimizer.learning_rate == 0.02 and fedbuff.staleness(3) == pytest.approx(0.5)
-    assert not fedbuff.example_weighted and isinstance(weighted, FedBuff) and weighted.example_weighted
-    assert isinstance(sync, SyncFedAvg) and sync.sites == frozenset({"a", "b"})
-
-
-@pytest.mark.parametrize(
-    ("name", "options", "message"),
-    [
-        ("fedprox", {}, "unknown strategy 'fedprox'"),
-        ("fedasync", {"buffer_size": 3}, "no parameters \\['buffer_size'\\]"),
-        ("fedbuff", {"server_optimizer": "lamb"}, "unknown server optimiser 'lamb'"),
-        ("fedbuff", {"buffer_size": 0}, "buffer_size must be an integer >= 1"),
-        ("fedbuff", {"example_weighted": "yes"}, "example_weighted must be true or false"),
-        ("fedasync", {"alpha": 1.5}, "alpha must be in \\(0, 1\\]"),
-        ("fedavg-sync", {"staleness": "hinge"}, "no parameters \\['staleness'\\]"),
-    ],
-)
-def test_build_strategy_refuses_bad_config_by_name(name: str, options: dict[str, Any], message: str) -> None:
-    with pytest.raises(AggregationError, match=message):
-        build_strategy(name, **options)
 
 
 def test_interpolate_is_exact_where_the_models_agree() -> None:

@@ -20,7 +20,7 @@ from broker.memory import MemoryBroker, MemoryTransport
 from broker.topology import Exchange, Kind, Queue, routing_key, site_inbox
 from coordinator.audit import read_records, verify_chain
 from coordinator.commit import COMMIT_MAX_DELAY_SECONDS
-from coordinator.config import CoordinatorConfig, StrategySettings
+from coordinator.config import CoordinatorConfig
 from coordinator.runner import build_coordinator
 from coordinator.service import Coordinator
 from schemas import GlobalModel, ModelUpdate
@@ -39,7 +39,7 @@ from tests.unit.test_coordinator_service import (
 
 
 StrategyChoice = tuple[str, dict[str, Any]]
-FEDBUFF_ADAM: StrategyChoice = ("fedbuff", {"buffer_size": 3, "server_optimizer": "adam"})
+FEDBUFF_ADAM: StrategyChoice = ("fedbuff", {"buffer_size": 3, "server_optimizer": {"name": "adam"}})
 
 
 def heart_config(state_dir: Path, strategy: StrategyChoice = FEDBUFF_ADAM, max_staleness: int = 5) -> CoordinatorConfig:
@@ -48,7 +48,7 @@ def heart_config(state_dir: Path, strategy: StrategyChoice = FEDBUFF_ADAM, max_s
         task="heart-disease",
         sites=SITES,
         state_dir=state_dir,
-        strategy=StrategySettings(name=name, max_staleness=max_staleness, params=params),
+        strategy={"name": name, "max_staleness": max_staleness, **params},
     )
 
 
@@ -151,8 +151,8 @@ def test_a_restarted_coordinator_resumes_version_params_buffer_and_duplicate_mem
 INTERRUPTED_RUNS: dict[str, tuple[StrategyChoice, Callable[[int], int], int]] = {
     # strategy, how far behind each update's base is, the version the updates lead to
     "fedbuff-adam": (FEDBUFF_ADAM, fedbuff_bases, 3),
-    "fedasync": (("fedasync", {"alpha": 0.6, "staleness": "hinge"}), lambda index: index - index % 3, 10),
-    "fedavg-sync-adam": (("fedavg-sync", {"server_optimizer": "adam"}), lambda index: index // 3, 3),
+    "fedasync": (("fedasync", {"alpha": 0.6, "staleness": {"function": "hinge"}}), lambda index: index - index % 3, 10),
+    "fedavg-sync-adam": (("fedavg-sync", {"server_optimizer": {"name": "adam"}}), lambda index: index // 3, 3),
 }
 
 

@@ -32,7 +32,7 @@ from coordinator.aggregation import (
 )
 from coordinator.audit import AuditLog, read_records, verify_chain
 from coordinator.checkpoint import CheckpointStore
-from coordinator.config import CoordinatorConfig, StoppingSettings, StrategySettings, ValidationSettings
+from coordinator.config import CoordinatorConfig, StoppingSettings, ValidationSettings
 from coordinator.evaluation import EvaluationBook
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import Coordinator
@@ -172,7 +172,7 @@ def start_federation(
         task="tiny",
         sites=SITES,
         state_dir=tmp_path,
-        strategy=StrategySettings(name=strategy.name, max_staleness=max_staleness),
+        strategy={"name": strategy.name, "max_staleness": max_staleness},
         validation=validation or ValidationSettings(max_update_norm=100.0),
         **config_overrides,
     )

@@ -60,3 +60,24 @@ def test_the_bring_your_own_task_example_trains_through_the_registry(
     assert result.steps == 50 and 0.0 <= metrics["accuracy"] <= 1.0
     sys.modules.pop("mypackage.tasks", None)
     sys.modules.pop("mypackage", None)
+
+
+def test_the_config_examples_in_the_readme_and_the_deployment_guide_are_valid(tmp_path: Path) -> None:
+    """Every ``toml`` block that is a whole coordinator.toml or site file must load as one."""
+    from coordinator.config import load_config
+    from site_agent.config import load_site_config
+
+    documents = README + (ROOT / "docs" / "DEPLOYMENT.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", documents, flags=re.DOTALL)
+    coordinator_files = [block for block in blocks if "coordinator.toml" in block.split("\n", 1)[0]]
+    site_files = [block for block in blocks if block.startswith("site_id = ")]
+    assert coordinator_files and site_files
+
+    for index, block in enumerate(coordinator_files):
+        path = tmp_path / f"coordinator-{index}.toml"
+        path.write_text(block)
+        load_config(path)
+    for index, block in enumerate(site_files):
+        path = tmp_path / f"site-{index}.toml"
+        path.write_text(block)
+        load_site_config(path)

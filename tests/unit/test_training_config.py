@@ -107,6 +107,6 @@ def test_the_coordinator_stops_before_connecting_on_a_bad_training_table(
     err = capsys.readouterr().err
     assert exit_code == 1
     assert err.count("\n") == 1, err
-    assert str(config) in err and f"[training] {key}:" in err
+    assert str(config) in err and f"training.{key} = " in err
     assert "Traceback" not in err
     assert not (tmp_path / "coordinator").exists()
