@@ -53,12 +53,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, Tag, ValidationError, ValidationInfo, field_validator, model_validator
 
+from coordinator.errors import ConfigError
 from schemas import TrainingConfig
 from schemas.config_files import ConfigTable, choice_by, dataclass_table, describe, read_toml
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message (one line) names the file and the key."""
 
 
 class BrokerSettings(ConfigTable):

@@ -1,6 +1,8 @@
 """The coordinator's errors, one tree. A failed site is data (a ``Reason``), never one of these::
 
     CoordinatorError                   root
+    ├── ConfigError (ValueError)       coordinator.toml cannot be used; one line naming the file, key and value
+    ├── ModelFileError (ValueError)    a final model file that is not a readable safetensors file
     ├── AggregationError (ValueError)  a bad strategy configuration, a checkpoint from another strategy, or
     │                                  tensors that do not line up with the model; the strategy is left unchanged
     └── StorageError                   what should be durable may not be: nothing may be acked (as for OSError)
@@ -8,8 +10,8 @@
         └── AuditError (ValueError)         an audit record that does not continue the chain
 
 ``OSError`` from a write is a storage error too; the handlers' guards let both through (``STORAGE_ERRORS``), so the
-process stops rather than ack what is not durable. The config's ``ConfigError`` and the final model file's
-``ModelFileError`` live in their modules.
+process stops rather than ack what is not durable. ``coordinator.config`` and ``coordinator.model_files`` re-export
+the two errors they raise.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ from __future__ import annotations
 
 class CoordinatorError(Exception):
     """Root of the coordinator's errors."""
+
+
+class ConfigError(CoordinatorError, ValueError):
+    """A config file that cannot be used; the message (one line) names the file and the key."""
+
+
+class ModelFileError(CoordinatorError, ValueError):
+    """A model file that cannot be read back as one fedmq wrote."""
 
 
 class AggregationError(CoordinatorError, ValueError):

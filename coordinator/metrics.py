@@ -32,7 +32,6 @@ in the coordinator, the update is dead-lettered and the log holds the traceback)
 
 from __future__ import annotations
 
-import importlib.metadata
 import time
 from collections.abc import Callable
 
@@ -41,14 +40,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 5, 8, 10, 15, 20, 30, 50)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SIZE_BUCKETS = tuple(float(4**power) for power in range(5, 15))  # 1 KiB .. 256 MiB
-
-
-def fedmq_version() -> str:
-    """The installed fedmq's version, from the package metadata (``unknown`` when run from a bare checkout)."""
-    try:
-        return importlib.metadata.version("fedmq")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class CoordinatorMetrics:

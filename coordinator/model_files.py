@@ -15,10 +15,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from coordinator.checkpoint import write_file_durably
+from coordinator.errors import ModelFileError
 
-
-class ModelFileError(ValueError):
-    """A model file that is not a well-formed safetensors file."""
+__all__ = ["ModelFileError", "read_safetensors", "write_safetensors"]
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:

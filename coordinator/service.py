@@ -31,13 +31,14 @@ from coordinator.commit import GroupCommit
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import EvaluationBook
 from coordinator.liveness import Liveness
-from coordinator.metrics import CoordinatorMetrics, fedmq_version
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.results import run_summary, write_results
 from coordinator.run_state import RunState
 from coordinator.status import StatusHandler
 from coordinator.stopping import final_evaluations_done, stop_reason
 from coordinator.updates import Outcome, UpdateHandler, UpdateRules
 from coordinator.validation import DuplicateFilter
+from fedmq import __version__
 from schemas import Control, ControlCommand, DecodeLimits, GlobalModel, ModelFingerprint
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class Coordinator:
         self.state.record_history(keep=strategy.keeps_base_history, max_staleness=config.strategy.max_staleness)
         self.metrics.max_staleness.set(config.strategy.max_staleness)
         self.metrics.sites_registered.set(len(known_sites))
-        self.metrics.info.labels(strategy=strategy.name, task=config.task, version=fedmq_version()).set(1)
+        self.metrics.info.labels(strategy=strategy.name, task=config.task, version=__version__).set(1)
         self.updates.show_buffer()
 
     def restore(self) -> bool:
