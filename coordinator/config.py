@@ -55,10 +55,10 @@ from pydantic import Field, Tag, ValidationError, ValidationInfo, field_validato
 
 from coordinator.errors import ConfigError
 from schemas import TrainingConfig
-from schemas.config_files import ConfigTable, choice_by, dataclass_table, describe, read_toml
+from schemas.config_files import BrokerTable, ConfigTable, choice_by, dataclass_table, describe, read_toml
 
 
-class BrokerSettings(ConfigTable):
+class BrokerSettings(BrokerTable):
     """``[broker]``: where the coordinator connects. Relative TLS paths are relative to the config file."""
 
     url: str = Field(
@@ -66,15 +66,6 @@ class BrokerSettings(ConfigTable):
         pattern=r"^amqps?://",
         description="AMQP URL with the coordinator's credentials (amqps:// with the three files below for TLS).",
     )
-    ca_file: str | None = Field(None, description="CA certificate (PEM) that signed the broker's certificate.")
-    cert_file: str | None = Field(None, description="The coordinator's client certificate (PEM), for amqps://.")
-    key_file: str | None = Field(None, description="The private key of cert_file (PEM).")
-
-    @field_validator("ca_file", "cert_file", "key_file")
-    @classmethod
-    def _relative_to_the_file(cls, value: str | None, info: ValidationInfo) -> str | None:
-        base_dir = (info.context or {}).get("base_dir")
-        return str(base_dir / value) if value and base_dir is not None else value
 
 
 # ---------------------------------------------------------------------------------------------- staleness

@@ -20,7 +20,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, get_args, get_origin, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Discriminator, GetCoreSchemaHandler, Tag, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    GetCoreSchemaHandler,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
 from pydantic_core import core_schema
 
 if sys.version_info >= (3, 11):
@@ -33,6 +44,22 @@ class ConfigTable(BaseModel):
     """A table of a config file: typed, strict, frozen, and refusing keys it does not declare."""
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class BrokerTable(ConfigTable):
+    """``[broker]`` of either file: the URL (declared by each file, with its own default) and the TLS files, whose
+    relative paths are relative to the config file (the loader passes its folder as ``base_dir`` context)."""
+
+    url: str
+    ca_file: str | None = Field(None, description="CA certificate (PEM) that signed the broker's certificate.")
+    cert_file: str | None = Field(None, description="This side's client certificate (PEM), for amqps://.")
+    key_file: str | None = Field(None, description="The private key of cert_file (PEM).")
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _relative_to_the_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        base_dir = (info.context or {}).get("base_dir")
+        return str((base_dir / value).resolve()) if value and isinstance(base_dir, Path) else value
 
 
 def read_toml(path: Path, error: type[Exception]) -> dict[str, Any]:

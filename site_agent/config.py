@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from schemas.config_files import ConfigTable, describe, read_toml
+from schemas.config_files import BrokerTable, ConfigTable, describe, read_toml
 
 
 class SiteConfigError(ValueError):
@@ -44,19 +44,10 @@ def _base_dir(info: ValidationInfo) -> Path | None:
     return base_dir if isinstance(base_dir, Path) else None
 
 
-class SiteBrokerSettings(ConfigTable):
+class SiteBrokerSettings(BrokerTable):
     """``[broker]``: where the agent connects (outbound only)."""
 
     url: str = Field(pattern=r"^amqps?://", description="AMQP URL with this site's credentials (amqps:// for TLS).")
-    ca_file: str | None = Field(None, description="CA certificate (PEM) that signed the broker's certificate.")
-    cert_file: str | None = Field(None, description="This site's client certificate (PEM), for amqps://.")
-    key_file: str | None = Field(None, description="The private key of cert_file (PEM).")
-
-    @field_validator("ca_file", "cert_file", "key_file")
-    @classmethod
-    def _relative_to_the_file(cls, value: str | None, info: ValidationInfo) -> str | None:
-        base_dir = _base_dir(info)
-        return str((base_dir / value).resolve()) if value is not None and base_dir is not None else value
 
 
 class AgentSettings(ConfigTable):
