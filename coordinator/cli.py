@@ -104,8 +104,15 @@ def run_command(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(config.torch_threads)
+    from tasks.errors import TaskError
+
     registry = CollectorRegistry()
-    coordinator = runner.build_coordinator(config, registry)
+    try:
+        coordinator = runner.build_coordinator(config, registry)
+    except TaskError as exc:  # an unknown task or bad [task] options: the program stops before it connects
+        where = args.config or "the default config"
+        print(f"error: {where}: {exc}", file=sys.stderr)
+        return 1
     try:
         coordinator.metrics.serve(config.metrics.host, config.metrics.port)
     except OSError as exc:
