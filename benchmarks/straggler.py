@@ -62,9 +62,9 @@ from fedmq.demo import STRATEGIES, STRATEGY_TABLES, DemoOptions, ProcessGroup, c
 from schemas import GlobalModel, SchemaError
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover
-    import tomli as tomllib
+    pass
 
 HELP = "time to accuracy with one hospital 10x slower: fedmq FedBuff/FedAsync/sync FedAvg vs Flower FedAvg"
 OBSERVER_SITE = "bench-observer"
@@ -597,8 +597,7 @@ def plot_curves(results: Sequence[RunResult], seed: int, path: Path, title: str)
 def strategy_settings() -> str:
     """The demo's strategy tables as this run used them, e.g. ``fedasync (alpha=0.3, ...)``."""
     described = []
-    for name, table in STRATEGY_TABLES.items():
-        strategy = tomllib.loads(table)["strategy"]
+    for name, strategy in STRATEGY_TABLES.items():
         settings = {
             f"{key}.{inner}" if isinstance(value, dict) else key: inner_value
             for key, value in strategy.items()

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import tomli_w
+
 from broker.node import free_tcp_ports
 from fedmq.status import FederationStatus, StatusError, federation_status, fetch_metrics_text, read_samples
 
@@ -40,30 +42,22 @@ STRATEGIES = ("fedbuff", "fedasync", "fedavg-sync")
 # FedAsync's staleness bound is wide: it makes a version per update, ~30 a second with three fast hospitals, so a
 # hospital 10x slower answers 25-40 versions late; a bound of 20 rejected every update it sent (its staleness
 # weight, (1 + 40)^-0.5, already keeps it from pulling the model back).
-STRATEGY_TABLES: dict[str, str] = {
-    "fedbuff": """[strategy]
-name = "fedbuff"
-max_staleness = 20
-buffer_size = 3
-max_site_share = 0.67
-example_weighted = true
-[strategy.server_optimizer]
-name = "adam"
-learning_rate = 0.02
-""",
-    "fedasync": """[strategy]
-name = "fedasync"
-max_staleness = 100
-alpha = 0.3
-[strategy.staleness]
-function = "polynomial"
-a = 0.5
-""",
-    "fedavg-sync": """[strategy]
-name = "fedavg-sync"
-max_staleness = 0
-round_timeout_seconds = 120
-""",
+STRATEGY_TABLES: dict[str, dict[str, Any]] = {
+    "fedbuff": {
+        "name": "fedbuff",
+        "max_staleness": 20,
+        "buffer_size": 3,
+        "max_site_share": 0.67,
+        "example_weighted": True,
+        "server_optimizer": {"name": "adam", "learning_rate": 0.02},
+    },
+    "fedasync": {
+        "name": "fedasync",
+        "max_staleness": 100,
+        "alpha": 0.3,
+        "staleness": {"function": "polynomial", "a": 0.5},
+    },
+    "fedavg-sync": {"name": "fedavg-sync", "max_staleness": 0, "round_timeout_seconds": 120},
 }
 DEFAULT_VERSIONS = {"fedbuff": 60, "fedasync": 60, "fedavg-sync": 15}
 BROKER_PORT_OPTIONS = ("amqp", "dist", "management", "prometheus")  # passed on to `fedmq broker up --X-port`
@@ -229,45 +223,26 @@ def purge_leftovers(state_dir: Path) -> None:
 
 def coordinator_toml(options: DemoOptions, broker_url: str, metrics_port: int) -> str:
     versions = options.versions or DEFAULT_VERSIONS[options.strategy]
-    return f"""# written by `fedmq demo`
-task = "heart-disease"
-sites = {json.dumps(list(HEART_SITES))}
-seed = {options.seed}
-
-[broker]
-url = {json.dumps(broker_url)}
-
-{STRATEGY_TABLES[options.strategy]}
-[training]
-local_steps = {options.local_steps}
-learning_rate = {options.learning_rate}
-batch_size = 4
-
-[liveness]
-site_timeout_seconds = 20
-
-[stopping]
-max_versions = {versions}
-max_seconds = {options.max_seconds}
-final_eval_timeout_seconds = 60
-
-[metrics]
-host = "127.0.0.1"
-port = {metrics_port}
-"""
+    tables = {
+        "task": "heart-disease",
+        "sites": list(HEART_SITES),
+        "seed": options.seed,
+        "broker": {"url": broker_url},
+        "strategy": STRATEGY_TABLES[options.strategy],
+        "training": {"local_steps": options.local_steps, "learning_rate": options.learning_rate, "batch_size": 4},
+        "liveness": {"site_timeout_seconds": 20},
+        "stopping": {"max_versions": versions, "max_seconds": options.max_seconds, "final_eval_timeout_seconds": 60},
+        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+    }
+    return "# written by `fedmq demo`\n" + tomli_w.dumps(tables)
 
 
 def site_tables(options: DemoOptions, site: str) -> str:
-    return f"""
-# added by `fedmq demo`
-[task]
-name = "heart-disease"
-
-[agent]
-seed = {options.seed}
-slowdown = {options.slow.get(site, 1.0)}
-heartbeat_seconds = 2
-"""
+    tables = {
+        "task": {"name": "heart-disease"},
+        "agent": {"seed": options.seed, "slowdown": float(options.slow.get(site, 1.0)), "heartbeat_seconds": 2.0},
+    }
+    return "\n# added by `fedmq demo`\n" + tomli_w.dumps(tables)
 
 
 # ------------------------------------------------------------------------------------------------------ progress

@@ -355,7 +355,9 @@ def test_coordinator_run_with_a_bad_file_exits_with_one_line_naming_the_key(tmp_
 
 def test_coordinator_run_with_bad_task_options_exits_with_one_line_naming_the_option(tmp_path: Path) -> None:
     # Prepare: a tabular task without the options it needs
-    path = write(tmp_path, 'sites = ["a"]\n[broker]\nurl = "amqp://u:p@127.0.0.1:1/fedmq"\n[task]\nname = "tabular-csv"\n')
+    path = write(
+        tmp_path, 'sites = ["a"]\n[broker]\nurl = "amqp://u:p@127.0.0.1:1/fedmq"\n[task]\nname = "tabular-csv"\n'
+    )
 
     # Execute
     result = run_fedmq(tmp_path, "coordinator", "run", "--config", str(path))
