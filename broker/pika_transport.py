@@ -329,7 +329,7 @@ def _sleep_unless_stopped(should_stop: Callable[[], bool]) -> Callable[[float], 
 def _log_reconnect(retry_state: RetryCallState) -> None:
     error = retry_state.outcome.exception() if retry_state.outcome is not None else None
     wait = retry_state.next_action.sleep if retry_state.next_action is not None else 0.0
-    log.warning("broker session ended (%s); reconnecting in %.1f s", error, wait)
+    log.warning("connection to the broker lost (%s); reconnecting in %.1f s", error, wait)
 
 
 def run_reconnecting(
