@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES = (
     "fedmq.demo",
     "fedmq.status",
     "fedmq.bench",
+    "fedmq.config_reference",
 )
 
 

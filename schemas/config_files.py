@@ -128,7 +128,7 @@ def dataclass_table(kind: type, *, exclude: Sequence[str] = ()) -> DataclassTabl
     defaults, strict and closed like every table; ``exclude`` names fields a file may not set (nor its dump show)."""
     hints = get_type_hints(kind)
     declared = {
-        item.name: (hints[item.name], item.default)
+        item.name: (hints[item.name], Field(item.default, description=item.metadata.get("description")))
         for item in dataclasses.fields(kind)
         if item.init and item.name not in exclude
     }

@@ -61,15 +61,21 @@ class TrainingConfig:
     ``[training]`` table stops the coordinator at start instead of failing at every hospital on every version.
     """
 
-    local_steps: int = 100
-    learning_rate: float = 0.01
-    batch_size: int = 4
-    optimizer: str = "sgd"
-    proximal_mu: float | None = None
-    local_epochs: int | None = None
+    local_steps: int = field(default=100, metadata={"description": "Local optimiser steps per update (>= 1)."})
+    learning_rate: float = field(default=0.01, metadata={"description": "Local learning rate (finite, > 0)."})
+    batch_size: int = field(default=4, metadata={"description": "Local mini-batch size (>= 1)."})
+    optimizer: str = field(default="sgd", metadata={"description": "Local optimiser: sgd or adam."})
+    proximal_mu: float | None = field(
+        default=None, metadata={"description": "FedProx proximal weight mu (>= 0; unset: plain local training)."}
+    )
+    local_epochs: int | None = field(
+        default=None, metadata={"description": "Train whole epochs instead of local_steps (>= 1; unset: steps)."}
+    )
     # Async strategies want a site to keep training when no newer model has arrived; a synchronous round
     # takes one update per site and version, so there a site waits for the next version instead.
-    train_on_same_version: bool = True
+    train_on_same_version: bool = field(
+        default=True, metadata={"description": "Set by the coordinator from its strategy, never by a file."}
+    )
 
     def __post_init__(self) -> None:
         if self.optimizer not in TRAINING_OPTIMIZERS:
