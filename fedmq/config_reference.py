@@ -121,7 +121,7 @@ def _allowed(schema: Schema, field: Schema) -> str:
     if variants:
         return " or ".join(_allowed(schema, option) for option in variants)
     kind = {"integer": "integer", "number": "number", "string": "string", "boolean": "true/false", "null": "unset"}
-    text = kind.get(field.get("type", ""), field.get("type", "table"))
+    text = str(kind.get(field.get("type", ""), field.get("type", "table")))
     if field.get("type") == "array":
         text = "list of " + _allowed(schema, field.get("items", {}))
     bounds = []
