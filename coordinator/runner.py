@@ -63,6 +63,7 @@ def build_coordinator(config: CoordinatorConfig, registry: CollectorRegistry) ->
         evaluations=EvaluationBook(paths["evaluations"]),
         checkpoints=CheckpointStore(paths["checkpoint"]),
     )
+    log.info("incarnation %d: every model this process publishes carries it", coordinator.incarnation)
     if not coordinator.restore():
         log.info(
             "new run: task %s, strategy %s, %d sites, model v0 with %d parameters",

@@ -60,8 +60,11 @@ class Coordinator:
         checkpoints: CheckpointStore,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        incarnation: int | None = None,
     ) -> None:
         self.config = config
+        # drawn at each start, in every model published: a restored coordinator's models supersede older ones
+        self.incarnation = GlobalModel.new_incarnation() if incarnation is None else incarnation
         self.strategy = strategy
         self.fingerprint = fingerprint
         self.metrics = metrics
@@ -159,6 +162,7 @@ class Coordinator:
             tensors=self.state.params,
             training=replace(self.config.training, train_on_same_version=self.strategy.trains_on_same_version),
             fingerprint=self.fingerprint,
+            incarnation=self.incarnation,
             created_at=self.clock(),
         )
 

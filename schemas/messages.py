@@ -9,6 +9,7 @@ and every field has the expected type; tensors are checked by ``schemas.tensors`
 from __future__ import annotations
 
 import math
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -21,7 +22,9 @@ import msgpack
 from schemas.errors import FieldError, MalformedMessage, MessageTooLarge, SchemaError, UnknownSchemaVersion
 from schemas.tensors import Params, decode_tensors, encode_tensors
 
-SCHEMA_VERSION = 1
+# The wire's one schema version; a decoder accepts exactly its own. A change to any message's field set is a new
+# version: 1 the first release; 2 GlobalModel.incarnation (a restored coordinator's models supersede older ones).
+SCHEMA_VERSION = 2
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_TENSORS = 4096
 MAX_STRING_LENGTH = 4096
@@ -337,9 +340,18 @@ def now() -> float:
     return time.time()
 
 
+INCARNATION_TIEBREAK = 1000  # the sub-microsecond digits of an incarnation are random, not time
+
+
 @dataclass(frozen=True, eq=False)
 class GlobalModel(Message):
-    """One version of the global model and the training config every site must use with it."""
+    """One version of the global model and the training config every site must use with it.
+
+    ``incarnation`` names the coordinator process that published it (``new_incarnation``, drawn at each start).
+    A site orders models by ``(incarnation, version)``: a model from a newer incarnation supersedes whatever the
+    site holds even when its version is lower, which is what makes a coordinator restored from an older backup
+    something the sites follow instead of a coordinator whose models they ignore.
+    """
 
     TYPE: ClassVar[str] = "global-model"
     TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("tensors",)
@@ -348,12 +360,37 @@ class GlobalModel(Message):
     tensors: Params
     training: TrainingConfig
     fingerprint: ModelFingerprint
+    incarnation: int
     created_at: float = field(default_factory=now)
     schema_version: int = SCHEMA_VERSION
+
+    @staticmethod
+    def new_incarnation(clock_ns: Callable[[], int] = time.time_ns) -> int:
+        """A coordinator's incarnation: its start time in nanoseconds since the epoch, the last three digits
+        replaced by a random number (a tie-break between two starts in the same microsecond).
+
+        Why the wall clock and not a counter kept in the checkpoint: a backup is a copy of the state dir, so a
+        counter restored with it goes backwards. Backed up at 5, the old process bumped it to 6 after the backup;
+        the restored one bumps 5 to 6 again, and the sites, which hold the old 6 at a higher version, would ignore
+        the restored coordinator. Nothing in the state dir can order a restored process after the one it replaces;
+        the time it starts can, because it starts after the process it replaces started. The ordering holds as
+        long as the coordinator host's clock, at the restored start, is not behind the replaced start's; a clock
+        set back by more than the time between the two starts (a restore onto a host whose clock is hours wrong)
+        makes the sites ignore the restored models, which they log once per ignored incarnation.
+
+        It fits msgpack's unsigned 64-bit integers until the year 2554."""
+        started_ns = clock_ns()
+        return started_ns - started_ns % INCARNATION_TIEBREAK + secrets.randbelow(INCARNATION_TIEBREAK)
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """What orders models at a site: newer incarnation first, then higher version."""
+        return (self.incarnation, self.version)
 
 
 GlobalModel.CHECKS = {
     "version": _count,
+    "incarnation": _count,
     "training": _TRAINING_CONFIG,
     "fingerprint": _FINGERPRINT,
     "created_at": _finite_number,

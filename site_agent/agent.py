@@ -7,6 +7,18 @@ it never touches the connection. Whatever the worker finished waits in the outbo
 so a dropped connection loses no finished training: the update is re-sent with the same ``update_id`` and the
 coordinator drops it if it had already applied it.
 
+A message the broker refuses stays in the outbox too, retried with capped, jittered backoff (``RefusalBackoff``),
+the messages behind it waiting in order. Most refusals pass: a nack while a queue has no leader or the broker is
+short of memory, no route while the coordinator declares the topology again. Those it retries for as long as they
+last. A refusal that no retry can mend (access refused: the site was removed or lost its permissions; a user id the
+broker will not accept) stops the agent after ``PERMANENT_REFUSAL_ATTEMPTS`` tries, with a message that says what
+the operator must do (``failure``), instead of retrying unseen for ever.
+
+Models are ordered by ``GlobalModel.identity``, (coordinator incarnation, version): a model from a newer incarnation
+is taken even when its version is lower (a coordinator restored from an older backup), and work based on a model
+of a superseded incarnation at a version above the one the new incarnation resumed from (``_void``) is dropped,
+since the restored coordinator never had that model.
+
 Only ``schemas`` messages leave the site: model deltas, training metrics and evaluation metrics.
 """
 
@@ -25,6 +37,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from tenacity import RetryCallState, Retrying, wait_random_exponential
 
 from broker.topology import Exchange, Kind, routing_key, site_control_queue, site_inbox
 from broker.transport import Delivery, PublishRefused, Transport
@@ -46,6 +59,37 @@ from tasks.base import SiteData, Task, architecture_digest
 MessageT = TypeVar("MessageT", bound=Message)
 
 log = logging.getLogger(__name__)
+
+
+# Refusals no retry can mend: 403 ACCESS_REFUSED (the site was removed or lost its write permission), 406
+# PRECONDITION_FAILED (a user id the broker will not take, a message over its size limit), 530 NOT_ALLOWED. The
+# others pass: a nack (no reply code: a queue without a leader, a memory or disk alarm), 312 NO_ROUTE and 404
+# NOT_FOUND (the coordinator is declaring the topology again).
+PERMANENT_REFUSAL_CODES = frozenset({403, 406, 530})
+PERMANENT_REFUSAL_ATTEMPTS = 3  # a few tries first: an operator may be re-provisioning the site right now
+REFUSAL_MIN_WAIT_SECONDS = 0.5
+
+
+def is_permanent(refusal: PublishRefused) -> bool:
+    return refusal.reply_code in PERMANENT_REFUSAL_CODES
+
+
+class RefusalBackoff:
+    """How long to wait before the ``attempt``-th retry of a refused message: tenacity's jittered exponential
+    backoff, from half a second up to ``max_wait_seconds``. The agent's loop never sleeps on it; it only keeps
+    the message until then."""
+
+    def __init__(self, max_wait_seconds: float) -> None:
+        self._wait = wait_random_exponential(
+            multiplier=REFUSAL_MIN_WAIT_SECONDS,
+            min=min(REFUSAL_MIN_WAIT_SECONDS, max_wait_seconds),
+            max=max_wait_seconds,
+        )
+
+    def __call__(self, attempt: int) -> float:
+        state = RetryCallState(retry_object=Retrying(), fn=None, args=(), kwargs={})
+        state.attempt_number = attempt
+        return float(self._wait(state))
 
 
 Job = tuple[str, Callable[[], Message]]  # what it is ("evaluation", "training"), the work
@@ -71,6 +115,7 @@ class Outgoing:
     body: bytes
     message_id: str
     description: str
+    based_on: tuple[int, int]  # the identity (incarnation, version) of the model it evaluated or trained on
 
 
 class UpdateCounter:
@@ -167,6 +212,7 @@ class SiteAgent:
         *,
         heartbeat_seconds: float = 5.0,
         compression: str = "none",
+        retry_max_wait_seconds: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.trainer = trainer
@@ -177,18 +223,24 @@ class SiteAgent:
         self.clock = clock
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{self.site_id}")
         self.outbox: deque[Outgoing] = deque()
+        self.refusal_backoff = RefusalBackoff(retry_max_wait_seconds)
+        self.refusals = 0  # of the outbox's first message, in a row
+        self.retry_at = float("-inf")  # when the outbox's first message may be published again
         self.latest: GlobalModel | None = None
-        self.evaluated_version: int | None = None
-        self.trained_version: int | None = None
+        self.resumed_version = 0  # the first version this site saw of the latest model's incarnation
+        self.ignored_incarnations: set[int] = set()
+        self.evaluated: tuple[int, int] | None = None  # identities (incarnation, version) of models
+        self.trained: tuple[int, int] | None = None
         self.job: Future[list[JobResult]] | None = None
         self.job_kind = ""
-        self.job_version = 0
+        self.job_model: tuple[int, int] = (0, 0)
         self.job_started = 0.0
         self.last_job_seconds = 0.0
         self.idle_since = clock()
         self.paused = False
         self.stopped = False
         self.stop_reason = ""
+        self.failure = ""  # why the agent stopped on its own (a refusal no retry can mend); empty otherwise
         self.last_heartbeat = float("-inf")
         self.updates_sent = 0
         self.transport: Transport | None = None
@@ -220,9 +272,55 @@ class SiteAgent:
         if refusal:
             log.error("refusing model: %s", refusal)
             return
-        if self.latest is None or model.version >= self.latest.version:
-            self.latest = model
-            log.info("model v%d received", model.version)
+        held = self.latest
+        if held is None or model.incarnation == held.incarnation:
+            if held is None or model.version >= held.version:
+                if held is None:
+                    self.resumed_version = model.version
+                self.latest = model
+                log.info("model v%d received", model.version)
+        elif model.incarnation > held.incarnation:
+            self._follow_new_incarnation(model, held)
+        elif model.incarnation not in self.ignored_incarnations:
+            self.ignored_incarnations.add(model.incarnation)
+            log.warning(
+                "ignoring model v%d of coordinator incarnation %d: this site follows incarnation %d, which started "
+                "later (is an old coordinator still running, or was the coordinator's clock set back?)",
+                model.version,
+                model.incarnation,
+                held.incarnation,
+            )
+
+    def _follow_new_incarnation(self, model: GlobalModel, held: GlobalModel) -> None:
+        """A coordinator that started after the one this site followed: it restarted, or was restored from a
+        backup (then its version may be lower). Work on the old incarnation's models above the version it resumed
+        from is based on a model the new one never had: dropped, so the next update is based on its model."""
+        self.latest, self.resumed_version = model, model.version
+        kept = [outgoing for outgoing in self.outbox if not self._void(outgoing.based_on)]
+        dropped = len(self.outbox) - len(kept)
+        if dropped:
+            self.outbox = deque(kept)
+            self.refusals, self.retry_at = 0, float("-inf")
+        log.info(
+            "model v%d received from a new coordinator incarnation %d (it restarted%s; this site held v%d of "
+            "incarnation %d)%s",
+            model.version,
+            model.incarnation,
+            " or was restored from an older backup" if model.version < held.version else "",
+            held.version,
+            held.incarnation,
+            f"; dropped {dropped} unsent message(s) based on versions above v{model.version}" if dropped else "",
+        )
+
+    def _void(self, based_on: tuple[int, int]) -> bool:
+        """Whether work based on the model ``based_on`` is worthless to the coordinator now followed: that model is
+        of an older incarnation and newer than the version the current incarnation resumed from, so the current
+        coordinator never had it (the one it was restored from made it after the backup). At or below that version
+        the old incarnation's models are the restored coordinator's own (one history, cut at the backup)."""
+        if self.latest is None:
+            return False
+        incarnation, version = based_on
+        return incarnation < self.latest.incarnation and version > self.resumed_version
 
     def on_control(self, delivery: Delivery) -> None:
         control = self._decode_and_ack(delivery, Control, "control message")
@@ -251,21 +349,29 @@ class SiteAgent:
         self.job = None
         self.last_job_seconds = self.clock() - self.job_started
         self.idle_since = self.clock()
+        version = self.job_model[1]
         for kind, outcome in job.result():
             if isinstance(outcome, Exception):
-                log.error("%s of v%d failed: %s", kind, self.job_version, outcome)
+                log.error("%s of v%d failed: %s", kind, version, outcome)
                 # not retried on the same version (a broken task would fail again, every turn)
                 if kind == "training":
-                    self.trained_version = self.job_version
+                    self.trained = self.job_model
                 else:
-                    self.evaluated_version = self.job_version
+                    self.evaluated = self.job_model
+            elif self._void(self.job_model):
+                log.info(
+                    "dropped the %s of v%d: a newer coordinator incarnation resumed from v%d and never had it",
+                    kind,
+                    version,
+                    self.resumed_version,
+                )
             elif isinstance(outcome, EvalReport):
                 self._queue_evaluation(outcome)
             elif isinstance(outcome, ModelUpdate):
                 self._queue_update(outcome)
 
     def _queue_evaluation(self, report: EvalReport) -> None:
-        self.evaluated_version = report.model_version
+        self.evaluated = self.job_model
         log.info(
             "evaluation of v%d: %s",
             report.model_version,
@@ -278,11 +384,12 @@ class SiteAgent:
                 report.encode(),
                 f"eval-{report.model_version}",
                 f"evaluation of v{report.model_version}",
+                self.job_model,
             )
         )
 
     def _queue_update(self, update: ModelUpdate) -> None:
-        self.trained_version = update.base_version
+        self.trained = self.job_model
         log.info(
             "trained %d steps on v%d in %.2f s (loss %.4f)",
             update.metrics.steps,
@@ -297,6 +404,7 @@ class SiteAgent:
                 update.encode(self.compression),
                 update.update_id,
                 f"update seq {update.seq} on v{update.base_version}",
+                self.job_model,
             )
         )
 
@@ -307,23 +415,25 @@ class SiteAgent:
             return
         model = self.latest
         jobs: list[Job] = []
-        if model.version != self.evaluated_version:
+        if model.identity != self.evaluated:
             jobs.append(("evaluation", lambda: self.trainer.evaluate(model)))
         retrain = model.training.train_on_same_version and self.clock() - self.idle_since >= max(
             self.last_job_seconds, 0.05
         )
-        if model.version != self.trained_version or retrain:
+        if model.identity != self.trained or retrain:
             seq = self.counter.next()
             jobs.append(("training", lambda: self.trainer.train(model, seq)))
         if jobs:
             self.job_kind = " and ".join(kind for kind, _ in jobs)
-            self.job_version = model.version
+            self.job_model = model.identity
             self.job_started = self.clock()
             self.job = self.executor.submit(run_jobs, jobs)
 
     def _flush_outbox(self) -> None:
+        """Publish the outbox in order. A message leaves it only once the broker confirmed it; a refused one stays
+        first, and the loop goes on (models, heartbeats) until its retry is due."""
         assert self.transport is not None
-        while self.outbox:
+        while self.outbox and not self.failure and self.clock() >= self.retry_at:
             outgoing = self.outbox[0]
             try:
                 self.transport.publish(
@@ -334,12 +444,36 @@ class SiteAgent:
                     message_id=outgoing.message_id,
                 )
             except PublishRefused as exc:
-                log.error("broker refused %s: %s; dropping it", outgoing.description, exc)
-            else:
-                if outgoing.exchange == Exchange.UPDATES.value:
-                    self.updates_sent += 1
-                log.info("%s sent", outgoing.description)
-            self.outbox.popleft()  # only after the broker confirmed (or definitively refused) it
+                self._refused(outgoing, exc)
+                return
+            if outgoing.exchange == Exchange.UPDATES.value:
+                self.updates_sent += 1
+            log.info("%s sent%s", outgoing.description, f" after {self.refusals} refusal(s)" if self.refusals else "")
+            self.outbox.popleft()
+            self.refusals, self.retry_at = 0, float("-inf")
+
+    def _refused(self, outgoing: Outgoing, refusal: PublishRefused) -> None:
+        self.refusals += 1
+        if is_permanent(refusal) and self.refusals >= PERMANENT_REFUSAL_ATTEMPTS:
+            self.failure = (
+                f"the broker refused {outgoing.description} {self.refusals} times ({refusal}, reply code "
+                f"{refusal.reply_code}): no retry can mend that; check that site {self.site_id!r} is still "
+                f"provisioned with its permissions (fedmq broker add-site) and that its config file's login is the "
+                f"site id, then start the agent again; {len(self.outbox)} finished message(s) were not sent"
+            )
+            self.stopped, self.stop_reason = True, self.failure
+            log.error("stopping: %s", self.failure)
+            return
+        wait = self.refusal_backoff(self.refusals)
+        self.retry_at = self.clock() + wait
+        log.warning(
+            "broker refused %s (%s%s); keeping it, retry %d in %.1f s",
+            outgoing.description,
+            refusal,
+            f", reply code {refusal.reply_code}" if refusal.reply_code is not None else "",
+            self.refusals,
+            wait,
+        )
 
     def state(self) -> SiteState:
         if self.paused:
@@ -366,3 +500,9 @@ class SiteAgent:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.outbox:
+            log.warning(
+                "closing with %d finished message(s) the broker has not confirmed: %s",
+                len(self.outbox),
+                ", ".join(outgoing.description for outgoing in self.outbox),
+            )

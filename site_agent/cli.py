@@ -72,8 +72,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    runner.run(config, agent, stop)
-    return 0
+    return runner.run(config, agent, stop)
 
 
 def check_command(args: argparse.Namespace) -> int:

@@ -64,7 +64,11 @@ class AgentSettings(ConfigTable):
         validate_default=True,  # empty means the file's folder, which only validation knows
         description="Where the agent keeps its update counter (empty: next to this file; relative: to it).",
     )
-    reconnect_max_wait_seconds: float = Field(30.0, gt=0, description="Longest wait between reconnection attempts.")
+    reconnect_max_wait_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Longest wait between reconnection attempts, and between retries of a message the broker refused.",
+    )
     threads: int = Field(1, ge=1, description="torch CPU threads for local training.")
 
     @field_validator("state_dir")

@@ -37,7 +37,11 @@ def build_agent(config: SiteConfig) -> SiteAgent:
     trainer = LocalTrainer(config.site_id, task, data, seed=config.agent.seed, slowdown=config.agent.slowdown)
     counter = UpdateCounter(config.state_dir / f"{config.site_id}.agent-state.json")
     return SiteAgent(
-        trainer, counter, heartbeat_seconds=config.agent.heartbeat_seconds, compression=config.agent.compression
+        trainer,
+        counter,
+        heartbeat_seconds=config.agent.heartbeat_seconds,
+        compression=config.agent.compression,
+        retry_max_wait_seconds=config.agent.reconnect_max_wait_seconds,
     )
 
 
@@ -51,7 +55,9 @@ def connection_settings(config: SiteConfig) -> ConnectionSettings:
     )
 
 
-def run(config: SiteConfig, agent: SiteAgent, stop: threading.Event) -> None:
+def run(config: SiteConfig, agent: SiteAgent, stop: threading.Event) -> int:
+    """Serve until the coordinator says stop (0), ``stop`` is set (0), or a refusal no retry can mend stops the
+    agent (1: ``agent.failure`` says why; systemd's Restart=on-failure then tries again later)."""
     settings = connection_settings(config)
 
     def session(transport: PikaTransport) -> None:
@@ -73,7 +79,11 @@ def run(config: SiteConfig, agent: SiteAgent, stop: threading.Event) -> None:
         )
     finally:
         agent.close()
+    if agent.failure:
+        log.error("site agent stopped after sending %d updates: %s", agent.updates_sent, agent.failure)
+        return 1
     if agent.stopped:
         log.info("stopped by the coordinator (%s) after sending %d updates", agent.stop_reason, agent.updates_sent)
     else:
         log.info("site agent closed after sending %d updates", agent.updates_sent)
+    return 0

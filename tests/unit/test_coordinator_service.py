@@ -683,3 +683,21 @@ def test_updates_arriving_while_the_run_is_finishing_stay_in_the_queue(tmp_path:
     assert federation.sample("fedmq_updates_applied_total", site="b") is None
     assert federation.rejections() == {}
     assert len(federation.transport.unacked) == 1
+
+
+def test_every_model_carries_the_coordinators_incarnation_and_the_next_start_draws_a_later_one(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    federation = start_federation(tmp_path / "first", fedbuff())
+    on_attach = federation.inbox("a")
+
+    # Execute: a new version, then the coordinator starts again
+    federation.send_good("a")
+    after_update = federation.inbox("a")
+    restarted = start_federation(tmp_path / "second", fedbuff())
+
+    # Assert: one incarnation per process, in every model it publishes; a later start orders after it
+    assert (on_attach.version, after_update.version) == (0, 1)
+    assert on_attach.incarnation == after_update.incarnation == federation.coordinator.incarnation
+    assert restarted.inbox("a").incarnation == restarted.coordinator.incarnation > federation.coordinator.incarnation

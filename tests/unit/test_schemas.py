@@ -6,7 +6,7 @@ import gc
 import math
 import tracemalloc
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import msgpack
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from schemas import (
+    SCHEMA_VERSION,
     Control,
     ControlCommand,
     DecodeLimits,
@@ -85,6 +86,7 @@ def sample_messages() -> list[Message]:
                 local_epochs=2,
             ),
             fingerprint=ModelFingerprint(task="heart-disease", architecture="sha256:abc123"),
+            incarnation=1_764_601_200_123_456_789,
             created_at=1_700_000_000.25,
         ),
         ModelUpdate(
@@ -180,7 +182,7 @@ def test_every_message_round_trips_with_all_fields_equal(message: Message) -> No
     # Assert
     assert isinstance(encoded, bytes)
     assert_messages_equal(message, decoded)
-    assert decoded.schema_version == 1
+    assert decoded.schema_version == SCHEMA_VERSION == 2
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=message_id)
@@ -200,6 +202,7 @@ def test_enums_and_optional_fields_come_back_typed() -> None:
         tensors={},
         training=TrainingConfig(),  # proximal_mu and local_epochs are None
         fingerprint=ModelFingerprint(task="t", architecture="a"),
+        incarnation=0,
     )
 
     decoded_heartbeat = Heartbeat.decode(heartbeat.encode())
@@ -209,6 +212,51 @@ def test_enums_and_optional_fields_come_back_typed() -> None:
     assert decoded_model.training == TrainingConfig()
     assert decoded_model.training.proximal_mu is None
     assert decoded_model.tensors == {}
+
+
+def test_an_incarnation_is_the_start_time_in_ns_with_random_sub_microsecond_digits() -> None:
+    # Prepare
+    started_ns = 1_764_601_200_123_456_789
+    restored_ns = started_ns + 1_000  # one microsecond later
+
+    # Execute
+    incarnations = {GlobalModel.new_incarnation(lambda: started_ns) for _ in range(200)}
+    later = GlobalModel.new_incarnation(lambda: restored_ns)
+
+    # Assert: the same microsecond, a random tie-break; a later start always orders after
+    assert all(1_764_601_200_123_456_000 <= value <= 1_764_601_200_123_456_999 for value in incarnations)
+    assert len(incarnations) > 1
+    assert later > max(incarnations)
+
+
+def test_a_model_of_a_later_incarnation_orders_after_any_version_of_an_earlier_one() -> None:
+    # Prepare
+    def model(incarnation: int, version: int) -> GlobalModel:
+        fingerprint = ModelFingerprint(task="t", architecture="a")
+        return GlobalModel(
+            version=version, tensors={}, training=TrainingConfig(), fingerprint=fingerprint, incarnation=incarnation
+        )
+
+    before_restore, restored = model(incarnation=100, version=9), model(incarnation=200, version=3)
+
+    # Execute
+    decoded = GlobalModel.decode(restored.encode())
+
+    # Assert
+    assert restored.identity > before_restore.identity
+    assert model(200, 4).identity > restored.identity
+    assert decoded.identity == (200, 3)
+
+
+def test_the_largest_incarnation_until_2554_round_trips() -> None:
+    # Prepare: nanoseconds since 1970 fit msgpack's unsigned 64-bit integers until 2554
+    model = replace(sample_messages()[0], incarnation=2**64 - 1)  # type: ignore[arg-type]
+
+    # Execute
+    decoded = GlobalModel.decode(model.encode())
+
+    # Assert
+    assert decoded.incarnation == 2**64 - 1
 
 
 @pytest.mark.parametrize("dtype", SUPPORTED_DTYPES, ids=str)
@@ -361,7 +409,7 @@ def test_the_byte_limit_is_inclusive() -> None:
 )
 def test_a_huge_declared_but_absent_payload_is_refused_without_allocating_it(declared: bytes) -> None:
     # Prepare: a well-formed update prefix whose delta data claims 4 GiB that never follow
-    body_prefix = msgpack.packb({"type": "model-update", "schema_version": 1}, use_bin_type=True)
+    body_prefix = msgpack.packb({"type": "model-update", "schema_version": SCHEMA_VERSION}, use_bin_type=True)
     small_message = body_prefix[:1].replace(b"\x82", b"\x83") + body_prefix[1:] + b"\xa5delta" + declared
     tracemalloc.start()
 
@@ -416,7 +464,7 @@ def test_non_bytes_input_is_malformed() -> None:
         Control.decode("control")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("version", [0, 2, 999, "1", 1.0, True, None], ids=repr)
+@pytest.mark.parametrize("version", [0, 1, 3, 999, "2", 2.0, True, None], ids=repr)
 def test_unknown_schema_version_is_refused_naming_the_field(version: object) -> None:
     encoded = repack(sample_messages()[2].encode(), lambda body: body.update(schema_version=version))
 
@@ -516,6 +564,9 @@ def test_a_field_of_the_wrong_type_is_refused_naming_it(message: Message, field_
         (0, ("training", "proximal_mu"), "none", "training.proximal_mu"),
         (0, ("training", "local_epochs"), -2, "training.local_epochs"),
         (0, ("fingerprint", "task"), b"heart", "fingerprint.task"),
+        (0, ("incarnation",), -1, "incarnation"),
+        (0, ("incarnation",), True, "incarnation"),
+        (0, ("incarnation",), 1.5e18, "incarnation"),
         (0, ("fingerprint",), {"task": "t"}, "fingerprint"),
         (3, ("metrics", "accuracy"), "high", "metrics['accuracy']"),
         (3, ("metrics",), {"": 1.0}, "metrics key"),

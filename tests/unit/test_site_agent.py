@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 
 from broker.memory import MemoryBroker, MemoryTransport
 from broker.topology import BROADCAST_SITE, Exchange, Kind, Queue, routing_key, site_inbox
-from broker.transport import Delivery, TransportConnectionError
+from broker.transport import Delivery, PublishRefused, TransportConnectionError
 from schemas import (
     Control,
     ControlCommand,
@@ -48,6 +48,7 @@ from tasks.heart_disease import HeartDiseaseTask, load_raw_site, load_site
 SITE = "cleveland"
 FAST_TRAINING = TrainingConfig(local_steps=10, learning_rate=0.05, batch_size=8)
 PUMP_TIMEOUT_SECONDS = 30.0
+INCARNATION = 1_764_601_200_000_000_000  # the coordinator's, unless a test restarts or restores it
 
 
 # ------------------------------------------------------------------------------------------------ test doubles
@@ -141,11 +142,25 @@ class Harness:
     counter_path: Path
     initial: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def model(self, version: int, training: TrainingConfig = FAST_TRAINING, **changes: Any) -> GlobalModel:
+    def model(
+        self,
+        version: int,
+        training: TrainingConfig = FAST_TRAINING,
+        *,
+        incarnation: int = INCARNATION,
+        **changes: Any,
+    ) -> GlobalModel:
         """Version ``version`` of the global model: the initial weights moved a little per version."""
         tensors = {name: tensor + 0.01 * version for name, tensor in self.initial.items()}
         fingerprint = ModelFingerprint(task=self.task.name, architecture=self.agent.trainer.architecture)
-        return GlobalModel(version=version, tensors=tensors, training=training, fingerprint=fingerprint, **changes)
+        return GlobalModel(
+            version=version,
+            tensors=tensors,
+            training=training,
+            fingerprint=fingerprint,
+            incarnation=incarnation,
+            **changes,
+        )
 
     def publish_model(self, model: GlobalModel) -> None:
         self.coordinator.publish(Exchange.MODELS.value, routing_key(BROADCAST_SITE, Kind.MODEL), model.encode())
@@ -198,6 +213,7 @@ def make_harness(
     trainer_type: type[LocalTrainer] = LocalTrainer,
     compression: str = "none",
     heartbeat_seconds: float = 1.0,
+    retry_max_wait_seconds: float = 30.0,
 ) -> Harness:
     broker = MemoryBroker()
     broker.declare([SITE])
@@ -207,7 +223,12 @@ def make_harness(
     trainer = trainer_type(SITE, task, data, seed=3)
     counter_path = tmp_path / f"{SITE}.agent-state.json"
     agent = SiteAgent(
-        trainer, UpdateCounter(counter_path), heartbeat_seconds=heartbeat_seconds, compression=compression, clock=clock
+        trainer,
+        UpdateCounter(counter_path),
+        heartbeat_seconds=heartbeat_seconds,
+        compression=compression,
+        retry_max_wait_seconds=retry_max_wait_seconds,
+        clock=clock,
     )
     site = broker.connect(SITE)
     agent.attach(site)
@@ -463,6 +484,245 @@ def test_unconfirmed_update_is_resent_with_the_same_update_id_after_reconnecting
     assert [update.seq for update in harness.updates()].count(1) == 1
 
 
+# ------------------------------------------------------------------------------------------ refused publishes
+
+
+class RefusingTransport(MemoryTransport):
+    """Refuses every update while ``refusing`` is set, as the broker would with ``reply_code`` (None: a nack)."""
+
+    def __init__(self, broker: MemoryBroker, login: str, reply_code: int | None) -> None:
+        super().__init__(broker, login)
+        self.reply_code = reply_code
+        self.refusing = True
+        self.refused: list[str | None] = []  # message ids, one per refused attempt
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: Any = None,
+        user_id: str | None = None,
+        message_id: str | None = None,
+        persistent: bool = True,
+        wait: bool = True,
+    ) -> None:
+        if self.refusing and exchange == Exchange.UPDATES.value:
+            self.refused.append(message_id)
+            raise PublishRefused("broker refused the update (test)", self.reply_code)
+        super().publish(
+            exchange,
+            routing_key,
+            body,
+            headers=headers,
+            user_id=user_id,
+            message_id=message_id,
+            persistent=persistent,
+            wait=wait,
+        )
+
+
+def refusing(harness: Harness, reply_code: int | None) -> RefusingTransport:
+    """Reconnect the harness's agent through a transport that refuses its updates."""
+    transport = RefusingTransport(harness.broker, SITE, reply_code)
+    harness.site.close()
+    harness.site = transport
+    harness.agent.attach(transport)
+    return transport
+
+
+def without_update_routes(harness: Harness) -> list[Any]:
+    """Unbind the updates exchange (a queue being declared again): publishing an update is refused, 312."""
+    removed = [binding for binding in harness.broker.bindings if binding.exchange == Exchange.UPDATES.value]
+    harness.broker.bindings = [binding for binding in harness.broker.bindings if binding not in removed]
+    return removed
+
+
+@pytest.mark.parametrize("reply_code", [None, 404], ids=["nack", "exchange-not-found"])
+def test_a_refused_update_is_kept_retried_with_backoff_and_delivered_later(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, reply_code: int | None
+) -> None:
+    # Prepare: the broker refuses updates (a memory alarm, the topology being declared again)
+    harness = make_harness(tmp_path, retry_max_wait_seconds=4.0)
+    try:
+        transport = refusing(harness, reply_code)
+        harness.publish_model(harness.model(0))
+
+        # Execute: 30 s of (fake) time pass, in 60 turns of the loop, then the refusals stop
+        with caplog.at_level(logging.WARNING, logger="site_agent.agent"):
+            harness.pump(lambda: len(transport.refused) >= 1)
+            harness.pump_turns(60, seconds_per_turn=0.5)
+        refused_attempts = list(transport.refused)
+        transport.refusing = False
+        harness.pump(lambda: len(harness.updates()) >= 3)
+    finally:
+        harness.agent.close()
+
+    # Assert: the first update was retried, spaced by a backoff capped at 4 s (not once per turn) ...
+    first_id = refused_attempts[0]
+    assert set(refused_attempts) == {first_id}
+    assert 6 <= len(refused_attempts) <= 40
+    assert "keeping it, retry" in caplog.text and "dropping" not in caplog.text
+    # ... and it is the first update the coordinator receives; nothing finished meanwhile was lost
+    updates = harness.updates()
+    assert updates[0].update_id == first_id
+    assert [update.seq for update in updates] == list(range(1, len(updates) + 1))
+
+
+def test_an_update_refused_for_no_route_goes_out_once_the_queue_is_bound_again(harness: Harness) -> None:
+    # Prepare: the updates queue is being declared again; the agent trains and its update has nowhere to go
+    removed = without_update_routes(harness)
+    harness.publish_model(harness.model(0))
+    harness.pump(lambda: harness.agent.refusals >= 2)
+    waiting = harness.agent.outbox[0]
+
+    # Execute
+    harness.broker.bindings.extend(removed)
+    harness.pump(lambda: len(harness.updates()) >= 1)
+
+    # Assert
+    assert harness.update_deliveries()[0].message_id == waiting.message_id
+    assert harness.updates()[0].seq == 1
+
+
+def test_access_refused_stops_the_agent_with_a_clear_reason_and_keeps_the_update(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: the site was removed from the broker (403 ACCESS_REFUSED on every publish)
+    harness = make_harness(tmp_path, retry_max_wait_seconds=1.0)
+    try:
+        transport = refusing(harness, 403)
+        harness.publish_model(harness.model(0))
+
+        # Execute
+        with caplog.at_level(logging.ERROR, logger="site_agent.agent"):
+            harness.pump(lambda: harness.agent.stopped)
+            harness.pump_turns(50)
+    finally:
+        harness.agent.close()
+
+    # Assert: a few tries, then a stop that says what to do; the update is still held, not dropped
+    assert len(transport.refused) == 3
+    assert "403" in harness.agent.failure and "fedmq broker add-site" in harness.agent.failure
+    assert harness.agent.stop_reason == harness.agent.failure
+    assert "stopping: the broker refused update seq 1 on v0 3 times" in caplog.text
+    assert harness.agent.outbox[0].message_id == transport.refused[0]
+    assert harness.updates() == []
+
+
+# ------------------------------------------------------------------------------- coordinator incarnations
+
+RESTORED = INCARNATION + 60 * 10**9  # the coordinator restored from a backup, started a minute later
+
+
+def test_a_model_of_a_newer_incarnation_is_taken_at_a_lower_version_and_the_next_update_is_based_on_it(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: the site trains on v5; the coordinator's disk is restored from a backup taken at v2 while the
+    # broker holds the site's finished updates (they cannot be routed)
+    harness.publish_model(harness.model(5))
+    harness.pump(lambda: len(harness.updates()) >= 1)
+    removed = without_update_routes(harness)
+    harness.pump(lambda: harness.agent.refusals >= 1)
+    sent_on_v5 = len(harness.updates())
+
+    # Execute: the restored coordinator publishes v2 of its new incarnation
+    with caplog.at_level(logging.INFO, logger="site_agent.agent"):
+        harness.publish_model(harness.model(2, incarnation=RESTORED))
+        harness.turn()
+        harness.broker.bindings.extend(removed)
+        harness.pump(lambda: any(update.base_version == 2 for update in harness.updates()))
+        harness.pump(lambda: len(harness.evaluations()) >= 2)
+
+    # Assert: the site follows the restored coordinator: the unsent update on v5 is dropped (the restored
+    # coordinator never had v5), the next update and evaluation are of the restored v2
+    assert harness.agent.latest is not None and harness.agent.latest.identity == (RESTORED, 2)
+    after_restore = harness.updates()[sent_on_v5:]
+    assert after_restore and all(update.base_version == 2 for update in after_restore)
+    assert [report.model_version for report in harness.evaluations()] == [5, 2]
+    assert "model v2 received from a new coordinator incarnation" in caplog.text
+    assert "dropped 1 unsent message(s) based on versions above v2" in caplog.text
+
+
+def test_a_restarted_coordinator_at_the_same_version_loses_none_of_the_sites_unsent_work(harness: Harness) -> None:
+    # Prepare: an update on v5 waits in the outbox (no route) when the coordinator restarts from its checkpoint
+    harness.publish_model(harness.model(5))
+    removed = without_update_routes(harness)
+    harness.pump(lambda: harness.agent.refusals >= 1)
+    waiting = harness.agent.outbox[0]
+
+    # Execute
+    harness.publish_model(harness.model(5, incarnation=RESTORED))
+    harness.turn()
+    harness.broker.bindings.extend(removed)
+    harness.pump(lambda: len(harness.updates()) >= 2)
+
+    # Assert: v5 is the same model in both incarnations: the waiting update is sent, first
+    assert harness.update_deliveries()[0].message_id == waiting.message_id
+    assert harness.agent.latest is not None and harness.agent.latest.identity == (RESTORED, 5)
+
+
+class GatedTrainer(LocalTrainer):
+    """Trains only once the test opens the gate, so a new model can arrive mid-training."""
+
+    gate = threading.Event()
+    training = threading.Event()
+
+    def train(self, model: GlobalModel, seq: int, compression_note: str = "") -> ModelUpdate:
+        GatedTrainer.training.set()
+        assert GatedTrainer.gate.wait(PUMP_TIMEOUT_SECONDS)
+        return super().train(model, seq, compression_note)
+
+
+def test_training_on_a_superseded_incarnations_model_is_dropped_when_it_finishes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: the site is training on v7 when the coordinator, restored from a backup at v3, comes back
+    GatedTrainer.gate.clear()
+    GatedTrainer.training.clear()
+    harness = make_harness(tmp_path, trainer_type=GatedTrainer)
+    try:
+        harness.publish_model(harness.model(7))
+        harness.pump(GatedTrainer.training.is_set)
+        harness.publish_model(harness.model(3, incarnation=RESTORED))
+        harness.turn()
+
+        # Execute
+        with caplog.at_level(logging.INFO, logger="site_agent.agent"):
+            GatedTrainer.gate.set()
+            harness.pump(lambda: len(harness.updates()) >= 1)
+    finally:
+        GatedTrainer.gate.set()
+        harness.agent.close()
+
+    # Assert: nothing based on v7 left the site; its first update is based on the restored v3
+    assert harness.updates()[0].base_version == 3
+    assert all(update.base_version == 3 for update in harness.updates())
+    assert "dropped the training of v7" in caplog.text
+
+
+def test_a_model_of_an_older_incarnation_is_ignored_whatever_its_version(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: the site follows the restored coordinator
+    harness.publish_model(harness.model(2, incarnation=RESTORED))
+    harness.pump(lambda: len(harness.updates()) >= 1)
+
+    # Execute: models of the incarnation it replaced (an old coordinator still running) keep coming
+    with caplog.at_level(logging.WARNING, logger="site_agent.agent"):
+        for version in (9, 10):
+            harness.publish_model(harness.model(version))
+            harness.pump_turns(5)
+
+    # Assert: ignored, said once, and the site keeps training on the restored model
+    assert harness.agent.latest is not None and harness.agent.latest.identity == (RESTORED, 2)
+    assert {update.base_version for update in harness.updates()} == {2}
+    assert [report.model_version for report in harness.evaluations()] == [2]
+    assert caplog.text.count(f"ignoring model v9 of coordinator incarnation {INCARNATION}") == 1
+    assert "ignoring model v10" not in caplog.text
+
+
 # -------------------------------------------------------------------------------------------------- slowdown
 
 
@@ -478,6 +738,7 @@ def test_slowdown_makes_training_proportionally_longer(slowdown: float) -> None:
         tensors=dict(task.build_model().state_dict()),
         training=replace(FAST_TRAINING, local_steps=50),
         fingerprint=ModelFingerprint(task=task.name, architecture=trainer.architecture),
+        incarnation=INCARNATION,
     )
 
     # Execute

@@ -66,6 +66,7 @@ def test_a_global_model_carrying_a_refused_value_does_not_decode(changes: dict[s
         tensors={"weight": torch.zeros(2)},
         training=TrainingConfig(),
         fingerprint=ModelFingerprint(task="heart-disease", architecture="sha256:abc"),
+        incarnation=1,
     )
     body = msgpack.unpackb(model.encode(), raw=False)
     body["training"].update(changes)
