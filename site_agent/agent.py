@@ -146,8 +146,10 @@ class LocalTrainer:
         seed: int = 0,
         slowdown: float = 1.0,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.site_id = site_id
+        self.clock = clock
         self.task = task
         self.data = data
         self.seed = seed
@@ -181,14 +183,14 @@ class LocalTrainer:
         )
 
     def train(self, model: GlobalModel, seq: int, compression_note: str = "") -> ModelUpdate:
-        started = time.perf_counter()
+        started = self.clock()
         self._load(model)
         digest = hashlib.sha256(f"{self.seed}:{self.site_id}:{seq}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
         result = self.task.train(self.model, self.data, model.training, generator)
         local = self.model.state_dict()
         delta = {name: (local[name].detach() - base).contiguous() for name, base in model.tensors.items()}
-        busy = time.perf_counter() - started
+        busy = self.clock() - started
         if self.slowdown > 1.0:
             self.sleep(busy * (self.slowdown - 1.0))
         return ModelUpdate(
@@ -198,7 +200,7 @@ class LocalTrainer:
             base_version=model.version,
             num_examples=result.num_examples,
             delta=delta,
-            metrics=TrainingMetrics(loss=result.loss, steps=result.steps, seconds=time.perf_counter() - started),
+            metrics=TrainingMetrics(loss=result.loss, steps=result.steps, seconds=self.clock() - started),
         )
 
 
