@@ -93,8 +93,11 @@ def tls_broker(
     command = ["--state-dir", str(state_dir), "broker"]
     try:
         assert main([*command, "up", "--tls", *map(str, ports)]) == 0
-        for site in SITES:
-            assert main([*command, "add-site", site]) == 0
+        sites_dir = state_dir / "sites"
+        for site in SITES:  # each hospital makes its signing key; the operator registers the public half
+            assert main(["site", "keygen", site, "--dir", str(sites_dir)]) == 0
+            public_key = str(sites_dir / f"{site}.signing.pub")
+            assert main([*command, "add-site", site, "--public-key", public_key]) == 0
         yield TlsBroker(state_dir, LocalNode.from_state_dir(state_dir), plain)
     finally:
         LocalNode.from_state_dir(state_dir).stop()
