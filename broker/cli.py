@@ -172,8 +172,8 @@ def register(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     add.add_argument(
         "--rotate-password",
         action="store_true",
-        help="the site exists: give it a new password (with TLS: a new certificate; the old one stays valid "
-        "until the CA is renewed), close its connections and rewrite its file",
+        help="the site exists: give it a new password (with TLS: a new certificate, and the old one is revoked), "
+        "close its connections and rewrite its file",
     )
     add.add_argument(
         "--public-key",
@@ -216,9 +216,11 @@ def register(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     remove = actions.add_parser(
         "remove-site",
         parents=[vhost_option],
-        help="delete a hospital's user, queues and config file",
+        help="delete a hospital's user, queues, config file and signing key; revoke its certificate",
         description="Delete the site's RabbitMQ user (closing its connections), its inbox and control queue, "
-        "and <state dir>/sites/NAME.toml.",
+        "<state dir>/sites/NAME.toml and its registered signing key (keys/sites/NAME.pub). On a TLS broker its "
+        "client certificate is revoked (added to the CRL the broker checks at every TLS handshake) and deleted, so "
+        "a later add-site NAME issues a new one and the old certificate and key cannot connect again.",
     )
     remove.add_argument("name", metavar="NAME", help="the site id")
     remove.set_defaults(handler=_guarded(_remove_site))
@@ -434,7 +436,13 @@ def _certs(args: argparse.Namespace) -> int:
 
 def _remove_site(args: argparse.Namespace) -> int:
     access = load_access(args.state_dir)
-    remove_site(access.management(), site_id=args.name, vhost=args.vhost, state_dir=args.state_dir)
+    remove_site(
+        access.management(),
+        site_id=args.name,
+        vhost=args.vhost,
+        state_dir=args.state_dir,
+        certificates=_certificates(access, args.state_dir),
+    )
     print(f"removed site {args.name}")
     return EXIT_OK
 

@@ -234,7 +234,7 @@ def add_site(
     An existing site is refused unless ``rotate_password``: then it gets a new password, its open connections
     are closed (they were opened with the old one) and its config file is rewritten. With ``certificates``
     (a TLS broker; ``amqp_port`` is then the AMQPS port) the site gets a client certificate with CN = its id
-    instead of a password, kept if one was issued before and reissued on rotation.
+    instead of a password, kept if one was issued before and reissued on rotation, which revokes the old one.
 
     ``public_key_file`` is the public key the hospital made with ``fedmq site keygen``: it is registered in
     ``<state dir>/keys/sites`` (``broker.keys``), and the site's file gets the coordinator's public key.
@@ -281,9 +281,17 @@ def add_site(
     return path
 
 
-def remove_site(management: ManagementClient, *, site_id: str, vhost: str, state_dir: Path) -> None:
+def remove_site(
+    management: ManagementClient,
+    *,
+    site_id: str,
+    vhost: str,
+    state_dir: Path,
+    certificates: CertificateStore | None = None,
+) -> None:
     """Delete the site's user (and so its permissions), close its connections, drop its queues, its file and its
-    registered public key."""
+    registered public key. With ``certificates`` (a TLS broker) its client certificate is revoked (the CRL the
+    broker checks) and deleted, so adding the site again issues a new one and the old one never connects again."""
     _checked_site_id(site_id)
     path = site_config_path(state_dir, site_id)
     user = management.get_user(site_id)
@@ -299,6 +307,8 @@ def remove_site(management: ManagementClient, *, site_id: str, vhost: str, state
             management.delete_queue(vhost, queue.name)
     path.unlink(missing_ok=True)
     remove_site_key(keys_dir(state_dir), site_id)
+    if certificates is not None:
+        certificates.revoke_client(site_id)
 
 
 def rotate_site_key(*, site_id: str, state_dir: Path, public_key_file: Path) -> Path:
