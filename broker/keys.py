@@ -159,9 +159,12 @@ def ensure_coordinator_key(key_file: Path) -> Ed25519PrivateKey:
     if key_file.exists():
         return read_private_key(key_file)
     key = generate_private_key()
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.parent.chmod(0o700)
-    write_key_pair(key_file, key)
+    try:
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.parent.chmod(0o700)
+        write_key_pair(key_file, key)
+    except OSError as exc:
+        raise KeyFileError(f"cannot write the coordinator's signing key {key_file}: {exc.strerror or exc}") from None
     return key
 
 

@@ -326,3 +326,69 @@ def test_the_registry_notices_a_removed_key(tmp_path: Path) -> None:
     (tmp_path / "a.pub").unlink()
 
     assert registry.public_key("a") is None
+
+
+# ------------------------------------------------------------------------------------------------ config and CLI
+
+
+def test_a_site_file_finds_its_key_beside_it_and_refuses_a_bad_coordinator_key(tmp_path: Path) -> None:
+    from site_agent.config import SiteConfigError, site_config_from_dict
+
+    coordinator_key = public_key_text(generate_private_key())
+    raw = {
+        "site_id": "cleveland",
+        "broker": {"url": "amqp://x"},
+        "signing": {"coordinator_public_key": coordinator_key},
+    }
+
+    config = site_config_from_dict(raw, base_dir=tmp_path)
+
+    assert config.signing.key_file == str(tmp_path / "cleveland.signing.key")
+    assert config.signing.required
+    with pytest.raises(SiteConfigError, match=r"signing\.coordinator_public_key"):
+        site_config_from_dict({**raw, "signing": {"coordinator_public_key": "AAAA"}}, base_dir=tmp_path)
+
+
+def test_a_site_requiring_signatures_does_not_start_without_its_key(tmp_path: Path) -> None:
+    from site_agent.config import site_config_from_dict
+    from site_agent.runner import build_signing
+
+    coordinator_key = public_key_text(generate_private_key())
+    raw = {
+        "site_id": "cleveland",
+        "broker": {"url": "amqp://x"},
+        "signing": {"coordinator_public_key": coordinator_key},
+    }
+    config = site_config_from_dict(raw, base_dir=tmp_path)
+
+    with pytest.raises(ValueError, match="fedmq site keygen cleveland"):
+        build_signing(config)
+    write_key_pair(tmp_path / "cleveland.signing.key", generate_private_key())
+    assert build_signing(config).private_key is not None
+
+
+def test_the_coordinators_signing_paths_are_relative_to_its_file(tmp_path: Path) -> None:
+    from coordinator.config import config_from_dict
+    from coordinator.errors import ConfigError
+    from coordinator.runner import signing_paths
+
+    config = config_from_dict({"signing": {"keys_dir": "keys"}}, base_dir=tmp_path)
+
+    assert signing_paths(config) == (tmp_path / "keys", tmp_path / "keys" / "coordinator.key")
+    with pytest.raises(ConfigError, match=r"signing\.required"):
+        config_from_dict({"signing": {"required": "yes"}})
+
+
+def test_site_keygen_writes_a_private_key_0600_and_refuses_to_overwrite_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedmq.cli import main
+
+    assert main(["site", "keygen", "cleveland", "--dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    key_file = tmp_path / "cleveland.signing.key"
+
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert public_key_text(read_private_key(key_file)) in printed
+    assert main(["site", "keygen", "cleveland", "--dir", str(tmp_path)]) == 1
+    assert "exists already" in capsys.readouterr().err
