@@ -214,12 +214,12 @@ class CertificateStore:
         """A client certificate with CN = ``common_name``: the broker user it logs in as. A certificate it
         replaces is revoked (the CRL), so the old certificate and key stop working."""
         files = self.client_files(common_name)
-        previous = self._good_certificate(files) if self.has_ca() else None
-        if not reissue and previous is not None:
+        if not reissue and self._good_certificate(files) is not None:
             return CertificateOutcome(common_name, files, False)
+        previous = _read_certificate(files.cert_file)  # also one about to expire, or whose key went missing
         self._prepare_directory(self.clients_dir)
         self._issue(files, common_name=common_name, usage=ExtendedKeyUsageOID.CLIENT_AUTH, alt_names=[])
-        if previous is not None:
+        if previous is not None and self._issued_by_current_ca(previous):
             self.revoke([previous])
         return CertificateOutcome(common_name, files, True)
 

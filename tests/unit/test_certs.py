@@ -358,3 +358,17 @@ def test_a_renewed_ca_starts_an_empty_crl_in_its_own_hash_file(tmp_path: Path) -
 
     assert store.revoked_serials() == {}
     assert [path.name for path in store.crl_dir.iterdir()] == [f"{name_hash(certificate(store.ca_file).subject)}.r0"]
+
+
+def test_a_certificate_reissued_because_it_expires_soon_is_revoked_too(tmp_path: Path) -> None:
+    # Prepare: certificates valid 20 days, renewed when 30 days or fewer are left
+    store = CertificateStore(tmp_path / "certs", CertificateSettings(leaf_days=20))
+    store.ensure_all(clients=["cleveland"])
+    first = certificate(store.client_files("cleveland").cert_file)
+
+    # Execute
+    store.ensure_all()
+
+    # Assert
+    assert certificate(store.client_files("cleveland").cert_file).serial_number != first.serial_number
+    assert first.serial_number in store.revoked_serials()
