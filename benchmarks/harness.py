@@ -28,6 +28,7 @@ import pika.exceptions
 from broker import topology
 from broker.declare import declare_topology_at
 from broker.errors import BrokerError
+from broker.keys import generate_private_key, public_key_path, write_key_pair
 from broker.node import LocalNode, free_tcp_ports
 from broker.provisioning import add_site, ensure_coordinator_user, read_broker_url
 
@@ -280,6 +281,10 @@ class BenchBroker:
         management = node.access.management()
         urls: dict[str, str] = {}
         for site_id in site_ids:
+            # the site's signing key, as `fedmq site keygen` makes it at a hospital, beside its config file
+            key_file = self.state_dir / "sites" / f"{site_id}.signing.key"
+            if not key_file.exists():
+                write_key_pair(key_file, generate_private_key())
             path = add_site(
                 management,
                 site_id=site_id,
@@ -288,6 +293,7 @@ class BenchBroker:
                 vhost=self.vhost,
                 state_dir=self.state_dir,
                 rotate_password=True,  # a site left by an earlier run gets a new password and file
+                public_key_file=public_key_path(key_file),
             )
             urls[site_id] = read_broker_url(path)
         self.site_urls.update(urls)

@@ -9,20 +9,27 @@ CN = ``fedmq-coordinator``, and the administrator's CN = ``fedmq-admin``. Everyt
       ca.pem   ca.key           the private CA (P-256, 10 years); ca.key never leaves this machine
       broker.pem   broker.key   the broker's server certificate; SAN: localhost, 127.0.0.1 and the --host names
       clients/NAME.pem  .key    one client certificate per identity, CN = NAME
+      crl.pem                   the certificate revocation list, signed by the CA (what was revoked, and when)
+      crl/HASH.r0               the same CRL where the broker's TLS layer looks for it (Erlang's
+                                ssl_crl_hash_dir: HASH is OpenSSL's subject-name hash of the CA, `openssl crl -hash`)
 
 Every ``ensure_*`` keeps what is still good, so running ``fedmq broker certs`` again changes nothing. A
 certificate is (re)issued only when it or its key is missing, the two do not match, it no longer verifies against
 the current CA (after ``renew_ca``), it expires within ``renew_before_days``, or (the broker's) it lacks a host
 name asked for. Files are written under a temporary name and renamed into place.
 
-There is no revocation list: a hospital is cut off by deleting its broker user (``fedmq broker remove-site``),
-and a leaked key is dealt with by renewing the CA.
+Revocation: a client certificate replaced (``ensure_client(reissue=True)``, e.g. ``add-site --rotate-password``)
+or taken away (``revoke_client``, by ``remove-site``) is added to the CRL, which the broker checks on every TLS
+handshake (``crl_check = peer`` in the node's advanced.config, ``broker.node``), so the old certificate and key can
+no longer connect even after a site of the same name is added again with a new certificate. The CRL is rewritten
+(fresh thisUpdate, nextUpdate ``CRL_DAYS`` on) by every ``fedmq broker up``, ``certs`` and revocation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import ipaddress
 import os
 import re
@@ -49,6 +56,11 @@ COMMON_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HOST_NAME_PATTERN = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9*]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
+CRL_FILE_NAME = "crl.pem"
+CRL_DIRNAME = "crl"
+# A CRL past its nextUpdate makes the broker refuse every client: it is renewed at each broker start and command,
+# and lasts long enough that a broker running untouched for years does not lock everyone out.
+CRL_DAYS = 3650
 BACKDATE = datetime.timedelta(minutes=5)  # a peer whose clock is a little behind still accepts a fresh certificate
 
 GeneralName = x509.DNSName | x509.IPAddress
@@ -130,6 +142,8 @@ class CertificateStore:
         self.ca_file = directory / "ca.pem"
         self.ca_key_file = directory / "ca.key"
         self.clients_dir = directory / CLIENTS_DIRNAME
+        self.crl_file = directory / CRL_FILE_NAME
+        self.crl_dir = directory / CRL_DIRNAME
 
     @classmethod
     def for_state_dir(cls, state_dir: Path, settings: CertificateSettings | None = None) -> CertificateStore:
@@ -197,13 +211,105 @@ class CertificateStore:
         return CertificateOutcome(BROKER_NAME, files, True)
 
     def ensure_client(self, common_name: str, *, reissue: bool = False) -> CertificateOutcome:
-        """A client certificate with CN = ``common_name``: the broker user it logs in as."""
+        """A client certificate with CN = ``common_name``: the broker user it logs in as. A certificate it
+        replaces is revoked (the CRL), so the old certificate and key stop working."""
         files = self.client_files(common_name)
         if not reissue and self._good_certificate(files) is not None:
             return CertificateOutcome(common_name, files, False)
+        previous = _read_certificate(files.cert_file)  # also one about to expire, or whose key went missing
         self._prepare_directory(self.clients_dir)
         self._issue(files, common_name=common_name, usage=ExtendedKeyUsageOID.CLIENT_AUTH, alt_names=[])
+        if previous is not None and self._issued_by_current_ca(previous):
+            self.revoke([previous])
         return CertificateOutcome(common_name, files, True)
+
+    def revoke_client(self, common_name: str) -> bool:
+        """Revoke the client certificate of ``common_name`` and delete its files, so a later ``ensure_client``
+        issues a new one; True when there was one signed by the current CA."""
+        files = self.client_files(common_name)
+        certificate = _read_certificate(files.cert_file)
+        revoked = certificate is not None and self.has_ca() and self._issued_by_current_ca(certificate)
+        if revoked:
+            assert certificate is not None
+            self.revoke([certificate])
+        files.cert_file.unlink(missing_ok=True)
+        files.key_file.unlink(missing_ok=True)
+        return revoked
+
+    # revocation
+
+    def revoked_serials(self) -> dict[int, datetime.datetime]:
+        """Serial number -> revocation time of what the current CA revoked (empty without a CRL)."""
+        crl = self._current_crl()
+        if crl is None:
+            return {}
+        return {entry.serial_number: entry.revocation_date_utc for entry in crl}
+
+    def revoke(self, certificates: Iterable[x509.Certificate]) -> None:
+        """Add ``certificates`` to the CRL and rewrite it where the broker reads it."""
+        revoked = self.revoked_serials()
+        for certificate in certificates:
+            revoked.setdefault(certificate.serial_number, _now())
+        self._write_crl(revoked)
+
+    def ensure_crl(self) -> Path:
+        """(Re)write the CRL with fresh dates and install it in the broker's hash dir; returns that dir."""
+        self._write_crl(self.revoked_serials())
+        return self.crl_dir
+
+    def _current_crl(self) -> x509.CertificateRevocationList | None:
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_file.read_bytes())
+        except (OSError, ValueError):
+            return None
+        ca = _read_certificate(self.ca_file)
+        if ca is None or crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+            return None  # a CRL of a CA since renewed: what it revoked no longer verifies anyway
+        return crl
+
+    def _write_crl(self, revoked: dict[int, datetime.datetime]) -> None:
+        ca_certificate = _read_certificate(self.ca_file)
+        ca_key = _read_private_key(self.ca_key_file)
+        if ca_certificate is None or ca_key is None:
+            raise CertificateError(f"no usable CA in {self.directory}: run `fedmq broker certs` first")
+        previous = self._current_crl()
+        number = 1
+        if previous is not None:
+            with contextlib.suppress(x509.ExtensionNotFound):
+                number = previous.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+        now = _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca_certificate.subject)
+            .last_update(now - BACKDATE)
+            .next_update(now + datetime.timedelta(days=CRL_DAYS))
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        )
+        for serial, when in sorted(revoked.items()):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+            )
+        pem = builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+        self._prepare_directory(self.directory)
+        for target in (self.crl_file, self.crl_dir / f"{name_hash(ca_certificate.subject)}.r0"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with _temporary(target) as temporary:
+                _write_new_file(temporary, pem, mode=0o644)
+                os.replace(temporary, target)
+        for stale in self.crl_dir.glob("*.r*"):  # the CRL of a CA since renewed
+            if stale.name != f"{name_hash(ca_certificate.subject)}.r0":
+                stale.unlink(missing_ok=True)
+
+    def _issued_by_current_ca(self, certificate: x509.Certificate) -> bool:
+        ca = _read_certificate(self.ca_file)
+        if ca is None:
+            return False
+        try:
+            certificate.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
 
     def ensure_all(
         self, *, hosts: Iterable[str] = (), clients: Iterable[str] = (), renew_ca: bool = False
@@ -213,6 +319,7 @@ class CertificateStore:
         outcomes = [self.ensure_ca(renew=renew_ca), self.ensure_broker(hosts)]
         for name in sorted({*self.client_names(), *validated}):
             outcomes.append(self.ensure_client(name))
+        self.ensure_crl()
         return outcomes
 
     # checks
@@ -298,6 +405,43 @@ class CertificateStore:
     def _prepare_directory(directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         directory.chmod(0o700)
+
+
+def name_hash(name: x509.Name) -> str:
+    """OpenSSL's subject-name hash (``X509_NAME_hash``, what ``openssl x509 -hash`` and Erlang's
+    ``public_key:short_name_hash`` print): SHA-1 of the name's canonical DER (each value a UTF8String, trimmed,
+    inner whitespace collapsed, ASCII lower-cased; the RDN SETs without the outer SEQUENCE), first 4 bytes as a
+    little-endian number in 8 hex digits."""
+    encoded = b""
+    for rdn in name.rdns:
+        values = []
+        for attribute in rdn:
+            text = attribute.value if isinstance(attribute.value, str) else attribute.value.decode("utf-8")
+            canonical = " ".join(text.split()).encode("utf-8").lower()  # bytes.lower(): ASCII letters only
+            values.append(_der(0x30, _der_oid(attribute.oid.dotted_string) + _der(0x0C, canonical)))
+        encoded += _der(0x31, b"".join(sorted(values)))
+    return f"{int.from_bytes(hashlib.sha1(encoded).digest()[:4], 'little'):08x}"
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    size = len(content)
+    if size < 0x80:
+        return bytes((tag, size)) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(length))) + length + content
+
+
+def _der_oid(dotted: str) -> bytes:
+    arcs = [int(arc) for arc in dotted.split(".")]
+    body = bytearray([40 * arcs[0] + arcs[1]])
+    for arc in arcs[2:]:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        body += bytes(reversed(chunk))
+    return _der(0x06, bytes(body))
 
 
 def _key_usage(*, digital_signature: bool, key_cert_sign: bool) -> x509.KeyUsage:

@@ -16,6 +16,7 @@ from broker import topology
 from broker.certs import CertificateSettings, CertificateStore
 from broker.declare import declare_topology_at
 from broker.errors import BrokerError, BrokerNotConfigured
+from broker.keys import keys_dir, site_key_path
 from broker.node import (
     ADMIN_USER,
     DEFAULT_START_TIMEOUT,
@@ -34,6 +35,7 @@ from broker.provisioning import (
     list_sites,
     read_broker_url,
     remove_site,
+    rotate_site_key,
 )
 from broker.urls import redact_url
 
@@ -170,8 +172,16 @@ def register(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     add.add_argument(
         "--rotate-password",
         action="store_true",
-        help="the site exists: give it a new password (with TLS: a new certificate; the old one stays valid "
-        "until the CA is renewed), close its connections and rewrite its file",
+        help="the site exists: give it a new password (with TLS: a new certificate, and the old one is revoked), "
+        "close its connections and rewrite its file",
+    )
+    add.add_argument(
+        "--public-key",
+        type=Path,
+        metavar="FILE",
+        help="the hospital's signing public key, made at the hospital by `fedmq site keygen NAME`; registered "
+        "in <state dir>/keys/sites/NAME.pub. Without it (and no key registered before) the coordinator refuses "
+        "the site's updates as bad-signature while [signing] required = true",
     )
     add.add_argument("--public-host", help="broker host written into the URL (default: from admin.toml)")
     add.add_argument("--public-port", type=int, help="broker AMQP port written into the URL (default: admin.toml)")
@@ -206,12 +216,26 @@ def register(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     remove = actions.add_parser(
         "remove-site",
         parents=[vhost_option],
-        help="delete a hospital's user, queues and config file",
+        help="delete a hospital's user, queues, config file and signing key; revoke its certificate",
         description="Delete the site's RabbitMQ user (closing its connections), its inbox and control queue, "
-        "and <state dir>/sites/NAME.toml.",
+        "<state dir>/sites/NAME.toml and its registered signing key (keys/sites/NAME.pub). On a TLS broker its "
+        "client certificate is revoked (added to the CRL the broker checks at every TLS handshake) and deleted, so "
+        "a later add-site NAME issues a new one and the old certificate and key cannot connect again.",
     )
     remove.add_argument("name", metavar="NAME", help="the site id")
     remove.set_defaults(handler=_guarded(_remove_site))
+
+    rotate_key = actions.add_parser(
+        "rotate-site-key",
+        help="replace a hospital's registered signing public key",
+        description="Register FILE (made by `fedmq site keygen NAME` at the hospital) as site NAME's signing key "
+        "in <state dir>/keys/sites/NAME.pub, replacing the old one. A running coordinator uses it from the next "
+        "update on; updates signed with the old key are refused as bad-signature. To remove a key, remove the "
+        "site (remove-site).",
+    )
+    rotate_key.add_argument("name", metavar="NAME", help="the site id")
+    rotate_key.add_argument("--public-key", type=Path, required=True, metavar="FILE", help="the new public key")
+    rotate_key.set_defaults(handler=_guarded(_rotate_site_key))
 
     listing = actions.add_parser(
         "list-sites",
@@ -368,8 +392,22 @@ def _add_site(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         rotate_password=args.rotate_password,
         certificates=_certificates(access, args.state_dir),
+        public_key_file=args.public_key,
     )
+    if args.public_key is None and not site_key_path(keys_dir(args.state_dir), args.name).exists():
+        print(
+            f"warning: site {args.name} has no signing key registered: the coordinator refuses its updates "
+            f"(bad-signature) until you run `fedmq broker rotate-site-key {args.name} --public-key FILE` with the "
+            f"key the hospital made by `fedmq site keygen {args.name}`",
+            file=sys.stderr,
+        )
     print(path)
+    return EXIT_OK
+
+
+def _rotate_site_key(args: argparse.Namespace) -> int:
+    path = rotate_site_key(site_id=args.name, state_dir=args.state_dir, public_key_file=args.public_key)
+    print(f"registered the signing key of site {args.name}: {path}")
     return EXIT_OK
 
 
@@ -398,7 +436,13 @@ def _certs(args: argparse.Namespace) -> int:
 
 def _remove_site(args: argparse.Namespace) -> int:
     access = load_access(args.state_dir)
-    remove_site(access.management(), site_id=args.name, vhost=args.vhost, state_dir=args.state_dir)
+    remove_site(
+        access.management(),
+        site_id=args.name,
+        vhost=args.vhost,
+        state_dir=args.state_dir,
+        certificates=_certificates(access, args.state_dir),
+    )
     print(f"removed site {args.name}")
     return EXIT_OK
 

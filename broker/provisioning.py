@@ -33,6 +33,15 @@ import tomli_w
 from broker import topology
 from broker.certs import CertificateStore, TlsFiles
 from broker.errors import BrokerNotConfigured, ManagementError, ProvisioningError
+from broker.keys import (
+    KeyFileError,
+    coordinator_public_key,
+    keys_dir,
+    public_key_text,
+    read_public_key,
+    register_site_key,
+    remove_site_key,
+)
 from broker.management import ManagementClient
 
 if sys.version_info >= (3, 11):
@@ -146,7 +155,7 @@ def _tls_table(tls: TlsFiles, relative_to: Path | None) -> dict[str, str]:
     return {"ca_file": shown(tls.ca_file), "cert_file": shown(tls.cert_file), "key_file": shown(tls.key_file)}
 
 
-def _write_site_config(path: Path, site_id: str, url: str, tls: TlsFiles | None = None) -> None:
+def _write_site_config(path: Path, site_id: str, url: str, coordinator_key: str, tls: TlsFiles | None = None) -> None:
     comments = [f"fedmq site agent configuration for {site_id}, written by `fedmq broker add-site` on {_now()}."]
     broker: dict[str, str] = {"url": url}
     if tls is None:
@@ -162,7 +171,13 @@ def _write_site_config(path: Path, site_id: str, url: str, tls: TlsFiles | None 
             "directory: point them at where the CA, the certificate and its key are installed.",
         ]
         broker |= _tls_table(tls, relative_to=path.parent)
-    write_private_toml(path, {"site_id": site_id, "broker": broker}, comments=comments)
+    comments += [
+        "[signing]: the agent signs its updates with its own key (signing.key_file, default",
+        f"{site_id}.signing.key next to this file, made at the hospital by `fedmq site keygen {site_id}`) and",
+        "refuses any model or control message not signed by the coordinator's key below.",
+    ]
+    signing = {"coordinator_public_key": coordinator_key}
+    write_private_toml(path, {"site_id": site_id, "broker": broker, "signing": signing}, comments=comments)
 
 
 def _create_certificate_user(management: ManagementClient, user: str, *, tags: list[str]) -> None:
@@ -212,16 +227,27 @@ def add_site(
     state_dir: Path,
     rotate_password: bool = False,
     certificates: CertificateStore | None = None,
+    public_key_file: Path | None = None,
 ) -> Path:
     """Create the site's user, permissions and queues, write its config file and return the file's path.
 
     An existing site is refused unless ``rotate_password``: then it gets a new password, its open connections
     are closed (they were opened with the old one) and its config file is rewritten. With ``certificates``
     (a TLS broker; ``amqp_port`` is then the AMQPS port) the site gets a client certificate with CN = its id
-    instead of a password, kept if one was issued before and reissued on rotation.
+    instead of a password, kept if one was issued before and reissued on rotation, which revokes the old one.
+
+    ``public_key_file`` is the public key the hospital made with ``fedmq site keygen``: it is registered in
+    ``<state dir>/keys/sites`` (``broker.keys``), and the site's file gets the coordinator's public key.
     """
     _checked_site_id(site_id)
     _require_vhost(management, vhost)
+    keys = keys_dir(state_dir)
+    try:
+        coordinator_key = public_key_text(coordinator_public_key(keys))
+        if public_key_file is not None:
+            read_public_key(public_key_file)  # refused before anything is created
+    except KeyFileError as exc:
+        raise ProvisioningError(str(exc)) from None
     existing = management.get_user(site_id)
     if existing is not None:
         if SITE_TAG not in _user_tags(existing):
@@ -240,10 +266,12 @@ def add_site(
         declare_site_queues(management, site_id=site_id, vhost=vhost)
         path = site_config_path(state_dir, site_id)
         if certificates is None:
-            _write_site_config(path, site_id, amqp_url(site_id, password, amqp_host, amqp_port, vhost))
+            _write_site_config(path, site_id, amqp_url(site_id, password, amqp_host, amqp_port, vhost), coordinator_key)
         else:
             tls = certificates.ensure_client(site_id, reissue=existing is not None).files
-            _write_site_config(path, site_id, amqps_url(amqp_host, amqp_port, vhost), tls)
+            _write_site_config(path, site_id, amqps_url(amqp_host, amqp_port, vhost), coordinator_key, tls)
+        if public_key_file is not None:
+            register_site_key(keys, site_id, public_key_file)
     except BaseException:
         if existing is None:  # leave no half-provisioned site behind
             management.delete_user(site_id)
@@ -253,8 +281,17 @@ def add_site(
     return path
 
 
-def remove_site(management: ManagementClient, *, site_id: str, vhost: str, state_dir: Path) -> None:
-    """Delete the site's user (and so its permissions), close its connections, drop its queues and file."""
+def remove_site(
+    management: ManagementClient,
+    *,
+    site_id: str,
+    vhost: str,
+    state_dir: Path,
+    certificates: CertificateStore | None = None,
+) -> None:
+    """Delete the site's user (and so its permissions), close its connections, drop its queues, its file and its
+    registered public key. With ``certificates`` (a TLS broker) its client certificate is revoked (the CRL the
+    broker checks) and deleted, so adding the site again issues a new one and the old one never connects again."""
     _checked_site_id(site_id)
     path = site_config_path(state_dir, site_id)
     user = management.get_user(site_id)
@@ -269,6 +306,18 @@ def remove_site(management: ManagementClient, *, site_id: str, vhost: str, state
         for queue in topology.site_queues(site_id):
             management.delete_queue(vhost, queue.name)
     path.unlink(missing_ok=True)
+    remove_site_key(keys_dir(state_dir), site_id)
+    if certificates is not None:
+        certificates.revoke_client(site_id)
+
+
+def rotate_site_key(*, site_id: str, state_dir: Path, public_key_file: Path) -> Path:
+    """Replace a provisioned hospital's registered public key; the coordinator uses the new one from the next
+    update on (an update signed with the old key and still queued is refused as ``bad-signature``)."""
+    _checked_site_id(site_id)
+    if not site_config_path(state_dir, site_id).exists():
+        raise ProvisioningError(f"no site named {site_id!r} is provisioned here (run add-site first)")
+    return register_site_key(keys_dir(state_dir), site_id, public_key_file)
 
 
 def list_sites(management: ManagementClient, *, vhost: str, state_dir: Path) -> list[SiteRecord]:

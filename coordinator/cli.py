@@ -33,6 +33,17 @@ def register(subcommands: Any) -> None:
     run.add_argument("--config", type=Path, help="coordinator.toml (every option has a default)")
     run.add_argument("--metrics-port", type=port_number, help="override [metrics] port")
     run.set_defaults(handler=run_command)
+    keygen = actions.add_parser(
+        "keygen",
+        help="make the coordinator's signing key pair (models and controls are signed with it)",
+        description="Write the coordinator's Ed25519 private key (mode 0600) and its public key (.pub) to "
+        "[signing] key_file (default <state dir>/keys/coordinator.key) and print the public key. `fedmq broker "
+        "add-site` writes that public key into every site.toml; a coordinator on another machine than the "
+        "provisioning makes its key here and the operator copies coordinator.pub to <state dir>/keys/.",
+    )
+    keygen.add_argument("--config", type=Path, help="coordinator.toml (for [signing] key_file)")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key (sites must get the new one)")
+    keygen.set_defaults(handler=keygen_command)
     coordinator.set_defaults(handler=lambda args: _help(coordinator))
 
     audit = subcommands.add_parser("audit", help="check the audit trail", description="Audit trail tools.")
@@ -72,7 +83,9 @@ def resolve_config(args: argparse.Namespace) -> CoordinatorConfig:
     if not config.sites:
         sites_dir = args.state_dir / "sites"
         changes["sites"] = tuple(sorted(path.stem for path in sites_dir.glob("*.toml")))
-    if args.metrics_port is not None:
+    if config.signing.keys_dir is None:
+        changes["signing"] = config.signing.model_copy(update={"keys_dir": args.state_dir / "keys"})
+    if getattr(args, "metrics_port", None) is not None:
         changes["metrics"] = config.metrics.model_copy(update={"port": args.metrics_port})
     return with_changes(config, **changes) if changes else config
 
@@ -104,12 +117,14 @@ def run_command(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(config.torch_threads)
+    from broker.keys import KeyFileError
     from tasks.errors import TaskError
 
     registry = CollectorRegistry()
     try:
         coordinator = runner.build_coordinator(config, registry)
-    except TaskError as exc:  # an unknown task or bad [task] options: the program stops before it connects
+    except (TaskError, KeyFileError) as exc:  # an unknown task, bad [task] options, an unreadable signing key:
+        # the program stops before it connects
         where = args.config or "the default config"
         print(f"error: {where}: {exc}", file=sys.stderr)
         return 1
@@ -124,6 +139,25 @@ def run_command(args: argparse.Namespace) -> int:
         return 1
     print(f"metrics: http://{config.metrics.host}:{config.metrics.port}/metrics", flush=True)
     runner.run(coordinator, stop)
+    return 0
+
+
+def keygen_command(args: argparse.Namespace) -> int:
+    from broker.keys import KeyFileError, generate_private_key, public_key_text, write_key_pair
+    from coordinator import runner
+    from coordinator.config import ConfigError
+
+    try:
+        config = resolve_config(args)
+        _, key_file = runner.signing_paths(config)
+        key = generate_private_key()
+        public_file = write_key_pair(key_file, key, overwrite=args.force)
+    except (ConfigError, KeyFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"private key: {key_file} (mode 0600; it stays with the coordinator)")
+    print(f"public key:  {public_file}")
+    print(public_key_text(key))
     return 0
 
 

@@ -43,6 +43,11 @@ Only ``load_config`` touches a file; everything else receives a ``CoordinatorCon
     [metrics]
     port = 9464
     host = "127.0.0.1"
+
+    [signing]                        # end-to-end Ed25519 signatures (schemas.signing, broker.keys)
+    required = true                  # refuse an unsigned update (bad-signature); a wrong signature always is
+    keys_dir = ""                    # default: <fedmq state dir>/keys (site public keys in keys/sites/)
+    key_file = ""                    # default: <keys_dir>/coordinator.key, made at first start if missing
 """
 
 from __future__ import annotations
@@ -257,6 +262,42 @@ class MetricsSettings(ConfigTable):
     host: str = Field("127.0.0.1", min_length=1, description="Address to listen on.")
 
 
+class SigningSettings(ConfigTable):
+    """``[signing]``: the hospitals' keys the updates are checked against, and the key models are signed with."""
+
+    required: bool = Field(
+        True,
+        description="Refuse an update without a signature (bad-signature); one with a wrong signature is always "
+        "refused. false only while migrating hospitals to signed agents.",
+    )
+    keys_dir: Path | None = Field(
+        None,
+        strict=False,
+        description="The key registry (broker.keys): sites/NAME.pub per hospital (default: <fedmq state "
+        "dir>/keys; relative: to the config file).",
+    )
+    key_file: Path | None = Field(
+        None,
+        strict=False,
+        description="The coordinator's Ed25519 private key, made (0600) at first start if missing (default: "
+        "<keys_dir>/coordinator.key; relative: to the config file).",
+    )
+
+    @field_validator("keys_dir", "key_file", mode="before")
+    @classmethod
+    def _empty_is_the_default(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("keys_dir", "key_file")
+    @classmethod
+    def _relative_to_the_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        base_dir = (info.context or {}).get("base_dir")
+        value = value.expanduser()
+        return value if value.is_absolute() or base_dir is None else base_dir / value
+
+
 class CoordinatorConfig(ConfigTable):
     """``coordinator.toml``. ``task`` is a name, or a ``[task]`` table whose ``name`` picks the task and whose other
     keys are the task's options (checked by the task itself)."""
@@ -289,6 +330,7 @@ class CoordinatorConfig(ConfigTable):
     liveness: LivenessSettings = Field(LivenessSettings(), description="[liveness]")
     stopping: StoppingSettings = Field(StoppingSettings(), description="[stopping]")
     metrics: MetricsSettings = Field(MetricsSettings(), description="[metrics]")
+    signing: SigningSettings = Field(SigningSettings(), description="[signing]")
 
     @model_validator(mode="before")
     @classmethod

@@ -13,6 +13,7 @@ class Reason(str, Enum):
     # checked by the coordinator before a strategy sees the update (coordinator.validation)
     UNKNOWN_SITE = "unknown-site"
     IDENTITY_MISMATCH = "identity-mismatch"
+    BAD_SIGNATURE = "bad-signature"  # missing, or not made by the key the site registered (schemas.signing)
     OVERSIZED = "oversized"
     MALFORMED = "malformed"
     WRONG_SHAPE = "wrong-shape"

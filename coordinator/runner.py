@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from broker.declare import declare_topology_at
 from broker.errors import BrokerNotReachable
+from broker.keys import KEYS_DIRNAME, SiteKeyRegistry, coordinator_key_path, ensure_coordinator_key, site_keys_dir
 from broker.pika_transport import ConnectionSettings, PikaTransport, run_reconnecting
 from broker.transport import TransportConnectionError
 from coordinator.aggregation.build import build_strategy
@@ -25,6 +26,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import EvaluationBook
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import Coordinator
+from coordinator.signatures import Signer, UpdateSignatures
 from schemas import ModelFingerprint
 from tasks.base import architecture_digest
 from tasks.registry import task_from_options
@@ -45,9 +47,17 @@ def state_paths(config: CoordinatorConfig) -> dict[str, Path]:
     }
 
 
+def signing_paths(config: CoordinatorConfig) -> tuple[Path, Path]:
+    """The key registry and the coordinator's private key: ``[signing]``, or ``keys/`` in the state dir."""
+    keys = config.signing.keys_dir or config.state_dir / KEYS_DIRNAME
+    return keys, config.signing.key_file or coordinator_key_path(keys)
+
+
 def build_coordinator(config: CoordinatorConfig, registry: CollectorRegistry) -> Coordinator:
     """Version 0 comes from the task (seeded), then any checkpoint in the state dir takes over."""
     config.state_dir.mkdir(parents=True, exist_ok=True)
+    keys, key_file = signing_paths(config)
+    signer = Signer(ensure_coordinator_key(key_file))
     paths = state_paths(config)
     task = task_from_options({**config.task_options, "name": config.task})
     torch.manual_seed(config.seed)
@@ -62,8 +72,21 @@ def build_coordinator(config: CoordinatorConfig, registry: CollectorRegistry) ->
         audit=AuditLog(paths["audit"]),
         evaluations=EvaluationBook(paths["evaluations"]),
         checkpoints=CheckpointStore(paths["checkpoint"]),
+        signer=signer,
+        update_signatures=UpdateSignatures(
+            SiteKeyRegistry(site_keys_dir(keys)).public_key, required=config.signing.required
+        ),
     )
     log.info("incarnation %d: every model this process publishes carries it", coordinator.incarnation)
+    missing = [site for site in config.sites if not (site_keys_dir(keys) / f"{site}.pub").exists()]
+    log.info("signing models with %s (public key %s)", key_file, signer.public_key_text)
+    if missing and config.signing.required:
+        log.warning(
+            "no signing key registered in %s for %s: their updates are refused as bad-signature until "
+            "`fedmq broker rotate-site-key NAME --public-key FILE` registers one",
+            site_keys_dir(keys),
+            ", ".join(missing),
+        )
     if not coordinator.restore():
         log.info(
             "new run: task %s, strategy %s, %d sites, model v0 with %d parameters",

@@ -34,10 +34,11 @@ from coordinator.liveness import Liveness
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.results import run_summary, write_results
 from coordinator.run_state import RunState
+from coordinator.signatures import Signer
 from coordinator.status import StatusHandler
 from coordinator.stopping import final_evaluations_done, stop_reason
 from coordinator.updates import Outcome, UpdateHandler, UpdateRules
-from coordinator.validation import DuplicateFilter
+from coordinator.validation import DuplicateFilter, SignatureCheck
 from fedmq import __version__
 from schemas import Control, ControlCommand, DecodeLimits, GlobalModel, ModelFingerprint
 
@@ -58,6 +59,8 @@ class Coordinator:
         audit: AuditLog,
         evaluations: EvaluationBook,
         checkpoints: CheckpointStore,
+        signer: Signer | None = None,
+        update_signatures: SignatureCheck | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         incarnation: int | None = None,
@@ -71,6 +74,7 @@ class Coordinator:
         self.audit = audit
         self.evaluations = evaluations
         self.checkpoints = checkpoints
+        self.signer = signer  # None: models and controls go out unsigned (sites that require signatures refuse them)
         self.clock = clock
         self.monotonic = monotonic
         self.transport: Transport | None = None
@@ -110,6 +114,7 @@ class Coordinator:
                 max_staleness=config.strategy.max_staleness,
                 max_norm=config.validation.max_update_norm,
                 limits=limits,
+                signatures=update_signatures,
             ),
             state=self.state,
             strategy=strategy,
@@ -157,7 +162,7 @@ class Coordinator:
         return self.transport
 
     def current_model(self) -> GlobalModel:
-        return GlobalModel(
+        model = GlobalModel(
             version=self.state.version,
             tensors=self.state.params,
             training=replace(self.config.training, train_on_same_version=self.strategy.trains_on_same_version),
@@ -165,6 +170,7 @@ class Coordinator:
             incarnation=self.incarnation,
             created_at=self.clock(),
         )
+        return self.signer(model) if self.signer is not None else model
 
     def publish_model(self) -> None:
         """Transient: the checkpoint is the model's durable copy, and ``attach`` publishes it again on every
@@ -183,11 +189,14 @@ class Coordinator:
             log.warning("model v%d reached no site inbox (%s)", self.state.version, exc)
 
     def publish_control(self, command: ControlCommand, reason: str) -> None:
+        control = Control(command=command, reason=reason, issued_at=self.clock())
+        if self.signer is not None:
+            control = self.signer(control)
         try:
             self._transport().publish(
                 Exchange.CONTROL.value,
                 routing_key(BROADCAST_SITE, Kind.CONTROL),
-                Control(command=command, reason=reason, issued_at=self.clock()).encode(),
+                control.encode(),
             )
         except PublishRefused as exc:
             log.warning("control %s reached no site (%s)", command.value, exc)

@@ -27,6 +27,7 @@ from coordinator.run_state import RunState
 from coordinator.validation import (
     DuplicateFilter,
     Rejection,
+    SignatureCheck,
     ValidUpdate,
     site_from_routing_key,
     validate_update,
@@ -54,6 +55,7 @@ class UpdateRules:
     max_staleness: int
     max_norm: float
     limits: DecodeLimits
+    signatures: SignatureCheck | None = None  # None: updates are not signature-checked
 
 
 class UpdateHandler:
@@ -118,6 +120,7 @@ class UpdateHandler:
             version=self.state.version,
             max_staleness=self.rules.max_staleness,
             max_norm=self.rules.max_norm,
+            signatures=self.rules.signatures,
             duplicates=self.duplicates,
             limits=self.rules.limits,
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +16,9 @@ import torch
 from broker.transport import Delivery
 from coordinator.reasons import Reason
 from schemas import DecodeLimits, MessageTooLarge, ModelUpdate, SchemaError, first_non_finite
+
+SignatureCheck = Callable[[ModelUpdate], str | None]
+"""Why an update's signature does not hold, or None (``coordinator.signatures.UpdateSignatures``)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ def validate_update(
     max_norm: float,
     duplicates: DuplicateFilter,
     limits: DecodeLimits,
+    signatures: SignatureCheck | None = None,
 ) -> ValidUpdate | Rejection:
     routed_site = site_from_routing_key(delivery.routing_key) or "unknown"
     site_label = routed_site if routed_site in known_sites else "unknown"
@@ -119,6 +123,10 @@ def validate_update(
             site_label,
             update,
         )
+    # The broker vouched for the user_id above; the signature holds even against the broker's administrator.
+    bad_signature = signatures(update) if signatures is not None else None
+    if bad_signature:
+        return Rejection(Reason.BAD_SIGNATURE, bad_signature, site_label, update)
     duplicate = duplicates.is_duplicate(update)
     if duplicate:
         return Rejection(Reason.DUPLICATE, duplicate, site_label, update)

@@ -1,7 +1,8 @@
 """``fedmq demo``: four real hospitals federate asynchronously on one machine, end to end.
 
 It does what a real deployment does, with every part as a separate process: start a RabbitMQ node
-(``fedmq broker up``), provision the four heart-disease hospitals (``fedmq broker add-site``), start the
+(``fedmq broker up``), provision the four heart-disease hospitals (each makes its signing key with ``fedmq site
+keygen``, then ``fedmq broker add-site --public-key`` registers it), start the
 coordinator and one site agent per hospital, watch the coordinator's metrics endpoint for progress, and when the
 coordinator's stopping rule ends the run, print per-hospital and pooled test accuracy next to FLamby's published
 numbers, plot accuracy against time and version, and stop everything it started (also on Ctrl-C).
@@ -411,13 +412,13 @@ def run_demo(options: DemoOptions) -> int:
             run_checked(fedmq_command(state_dir, "broker", "up", *port_arguments), "fedmq broker up")
             started_broker = True
         for site in HEART_SITES:
-            path = Path(
-                run_checked(
-                    fedmq_command(state_dir, "broker", "add-site", site, "--rotate-password"), f"add-site {site}"
-                )
-                .strip()
-                .splitlines()[-1]
-            )
+            # each hospital makes its own signing key (here all four live on this machine) and sends the .pub
+            sites_dir = state_dir / "sites"
+            public_key = sites_dir / f"{site}.signing.pub"
+            if not (sites_dir / f"{site}.signing.key").exists():
+                run_checked(fedmq_command(state_dir, "site", "keygen", site, "--dir", str(sites_dir)), f"keygen {site}")
+            add_site = ["broker", "add-site", site, "--rotate-password", "--public-key", str(public_key)]
+            path = Path(run_checked(fedmq_command(state_dir, *add_site), f"add-site {site}").strip().splitlines()[-1])
             with path.open("a") as handle:
                 handle.write(site_tables(options, site))
         print(f"provisioned {len(HEART_SITES)} hospitals: configs in {state_dir / 'sites'}", flush=True)

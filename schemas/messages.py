@@ -23,12 +23,14 @@ from schemas.errors import FieldError, MalformedMessage, MessageTooLarge, Schema
 from schemas.tensors import Params, decode_tensors, encode_tensors
 
 # The wire's one schema version; a decoder accepts exactly its own. A change to any message's field set is a new
-# version: 1 the first release; 2 GlobalModel.incarnation (a restored coordinator's models supersede older ones).
-SCHEMA_VERSION = 2
+# version: 1 the first release; 2 GlobalModel.incarnation (a restored coordinator's models supersede older ones);
+# 3 Ed25519 signatures on ModelUpdate, GlobalModel and Control, Heartbeat.refused_messages.
+SCHEMA_VERSION = 3
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_TENSORS = 4096
 MAX_STRING_LENGTH = 4096
 MAX_METRICS = 256
+SIGNATURE_BYTES = 64  # Ed25519 (schemas.signing); an empty signature means unsigned
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,14 @@ def _finite_number(value: object, name: str) -> float:
     if not math.isfinite(number):
         raise FieldError(f"expected a finite number, got {number}", name)
     return number
+
+
+def _signature(value: object, name: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise FieldError(f"expected bytes, got {type(value).__name__}", name)
+    if len(value) not in (0, SIGNATURE_BYTES):
+        raise FieldError(f"expected {SIGNATURE_BYTES} bytes (or none: unsigned), got {len(value)}", name)
+    return value
 
 
 def _optional(check: Check) -> Check:
@@ -363,6 +373,8 @@ class GlobalModel(Message):
     incarnation: int
     created_at: float = field(default_factory=now)
     schema_version: int = SCHEMA_VERSION
+    # The coordinator's Ed25519 signature over every other field and the tensors' digest (schemas.signing)
+    signature: bytes = b""
 
     @staticmethod
     def new_incarnation(clock_ns: Callable[[], int] = time.time_ns) -> int:
@@ -394,6 +406,7 @@ GlobalModel.CHECKS = {
     "training": _TRAINING_CONFIG,
     "fingerprint": _FINGERPRINT,
     "created_at": _finite_number,
+    "signature": _signature,
 }
 
 
@@ -413,6 +426,8 @@ class ModelUpdate(Message):
     metrics: TrainingMetrics
     created_at: float = field(default_factory=now)
     schema_version: int = SCHEMA_VERSION
+    # The site's Ed25519 signature over every other field and the delta's digest (schemas.signing)
+    signature: bytes = b""
 
     @staticmethod
     def new_id() -> str:
@@ -427,6 +442,7 @@ ModelUpdate.CHECKS = {
     "num_examples": _count,
     "metrics": _TRAINING_METRICS,
     "created_at": _finite_number,
+    "signature": _signature,
 }
 
 
@@ -439,6 +455,9 @@ class Heartbeat(Message):
     agent_version: str
     timestamp: float = field(default_factory=now)
     schema_version: int = SCHEMA_VERSION
+    # Global models and control messages this agent refused since it started because their coordinator
+    # signature was missing or wrong: a site under a forging broker says so in every heartbeat.
+    refused_messages: int = 0
 
 
 Heartbeat.CHECKS = {
@@ -446,6 +465,7 @@ Heartbeat.CHECKS = {
     "state": _enum(SiteState),
     "agent_version": _string,
     "timestamp": _finite_number,
+    "refused_messages": _count,
 }
 
 
@@ -480,12 +500,15 @@ class Control(Message):
     reason: str
     issued_at: float = field(default_factory=now)
     schema_version: int = SCHEMA_VERSION
+    # The coordinator's Ed25519 signature over every other field (schemas.signing)
+    signature: bytes = b""
 
 
 Control.CHECKS = {
     "command": _enum(ControlCommand),
     "reason": _string,
     "issued_at": _finite_number,
+    "signature": _signature,
 }
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (GlobalModel, ModelUpdate, Heartbeat, EvalReport, Control)

@@ -54,6 +54,7 @@ from schemas import (
     SiteState,
     TrainingMetrics,
 )
+from site_agent.signatures import SiteSigning
 from tasks.base import SiteData, Task, architecture_digest
 
 MessageT = TypeVar("MessageT", bound=Message)
@@ -215,6 +216,7 @@ class SiteAgent:
         heartbeat_seconds: float = 5.0,
         compression: str = "none",
         retry_max_wait_seconds: float = 30.0,
+        signing: SiteSigning | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.trainer = trainer
@@ -222,6 +224,8 @@ class SiteAgent:
         self.counter = counter
         self.heartbeat_seconds = heartbeat_seconds
         self.compression = compression
+        self.signing = signing  # None: nothing is signed or checked (unit tests, unsigned deployments)
+        self.refused_messages = 0  # models and controls refused for their signature, reported in each heartbeat
         self.clock = clock
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{self.site_id}")
         self.outbox: deque[Outgoing] = deque()
@@ -263,6 +267,12 @@ class SiteAgent:
             log.error("ignored an undecodable %s: %s", what, exc)
             message = None
         self.transport.ack(delivery)
+        refusal = self.signing.refusal(message) if self.signing is not None and message is not None else None
+        if refusal:
+            self.refused_messages += 1
+            kept = f"keeping model v{self.latest.version}" if self.latest is not None else "no model kept yet"
+            log.error("refused a %s: %s (not from the coordinator?); %s", what, refusal, kept)
+            return None
         return message
 
     def on_model(self, delivery: Delivery) -> None:
@@ -424,12 +434,16 @@ class SiteAgent:
         )
         if model.identity != self.trained or retrain:
             seq = self.counter.next()
-            jobs.append(("training", lambda: self.trainer.train(model, seq)))
+            jobs.append(("training", lambda: self._signed(self.trainer.train(model, seq))))
         if jobs:
             self.job_kind = " and ".join(kind for kind, _ in jobs)
             self.job_model = model.identity
             self.job_started = self.clock()
             self.job = self.executor.submit(run_jobs, jobs)
+
+    def _signed(self, update: ModelUpdate) -> ModelUpdate:
+        """On the worker: the update's signature over what the coordinator will decode."""
+        return self.signing.sign_update(update, self.compression) if self.signing is not None else update
 
     def _flush_outbox(self) -> None:
         """Publish the outbox in order. A message leaves it only once the broker confirmed it; a refused one stays
@@ -488,7 +502,12 @@ class SiteAgent:
         assert self.transport is not None
         if self.clock() - self.last_heartbeat < self.heartbeat_seconds:
             return
-        heartbeat = Heartbeat(site_id=self.site_id, state=self.state(), agent_version=__version__)
+        heartbeat = Heartbeat(
+            site_id=self.site_id,
+            state=self.state(),
+            agent_version=__version__,
+            refused_messages=self.refused_messages,
+        )
         try:
             self.transport.publish(
                 Exchange.STATUS.value,

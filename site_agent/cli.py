@@ -36,6 +36,18 @@ def register(subcommands: Any) -> None:
     )
     check.add_argument("--config", type=Path, required=True)
     check.set_defaults(handler=check_command)
+    keygen = actions.add_parser(
+        "keygen",
+        help="make this hospital's signing key pair; the private key never leaves this machine",
+        description="Write NAME.signing.key (Ed25519, mode 0600 from its first byte) and NAME.signing.pub into "
+        "--dir. Keep the .key next to the site's config file (its [signing] key_file default); send only the "
+        ".pub to the federation operator, who registers it with `fedmq broker add-site NAME --public-key FILE` "
+        "(or `rotate-site-key` for a new key).",
+    )
+    keygen.add_argument("name", metavar="NAME", help="this site's id")
+    keygen.add_argument("--dir", type=Path, default=Path("."), help="where to write the two files (default: .)")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key (then rotate-site-key)")
+    keygen.set_defaults(handler=keygen_command)
     site.set_defaults(handler=lambda args: _help(site))
 
 
@@ -84,4 +96,21 @@ def check_command(args: argparse.Namespace) -> int:
     config, agent = loaded
     agent.close()
     print(f"OK: site {config.site_id}, task {config.task_name}, broker {runner.connection_settings(config).safe_url()}")
+    return 0
+
+
+def keygen_command(args: argparse.Namespace) -> int:
+    from broker.keys import KeyFileError, generate_private_key, public_key_text, write_key_pair
+
+    key_file = args.dir / f"{args.name}.signing.key"
+    key = generate_private_key()
+    try:
+        public_file = write_key_pair(key_file, key, overwrite=args.force)
+    except (KeyFileError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"private key: {key_file} (mode 0600; it never leaves this machine)")
+    print(f"public key:  {public_file}")
+    print(public_key_text(key))
+    print(f"send {public_file.name} to the federation operator: fedmq broker add-site {args.name} --public-key FILE")
     return 0

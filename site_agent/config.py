@@ -22,6 +22,12 @@ Example ``sites/cleveland.toml``::
     heartbeat_seconds = 5
     compression = "none"        # none | float16 | int8 (lossy, for slow links)
     state_dir = ""              # where the agent keeps its update counter; default: next to this file
+
+    [signing]                   # written by add-site; the key file is made here by `fedmq site keygen cleveland`
+    # models and control messages must carry the signature of this key:
+    coordinator_public_key = "qq51fqzpB7y37lndhFMCOLjdBlTXgFJyfJLmOAt8wmg="
+    key_file = "cleveland.signing.key"     # this site's private key (default: <site_id>.signing.key here)
+    required = true             # refuse unsigned models/controls and send only signed updates
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from broker.keys import KeyFileError, parse_public_key
 from schemas.config_files import BrokerTable, ConfigTable, describe, read_toml
 
 
@@ -81,6 +88,43 @@ class AgentSettings(ConfigTable):
         return str(state_dir if state_dir.is_absolute() else base_dir / state_dir)
 
 
+class SiteSigningSettings(ConfigTable):
+    """``[signing]``: this site's key for its updates, and the coordinator's key its models must be signed with."""
+
+    required: bool = Field(
+        True,
+        description="Refuse a model or control message that is not signed by coordinator_public_key, and refuse "
+        "to start without a signing key. false only while migrating to signed deployments.",
+    )
+    coordinator_public_key: str = Field(
+        "", description="The coordinator's Ed25519 public key (base64 of 32 bytes, or PEM), written by add-site."
+    )
+    key_file: str = Field(
+        "",
+        description="This site's Ed25519 private key, made at the hospital by `fedmq site keygen` (default: "
+        "<site_id>.signing.key next to this file; relative: to it).",
+    )
+
+    @field_validator("coordinator_public_key")
+    @classmethod
+    def _a_public_key(cls, value: str) -> str:
+        if value:
+            try:
+                parse_public_key(value, "an Ed25519 public key")
+            except KeyFileError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def _relative_to_the_file(cls, value: str, info: ValidationInfo) -> str:
+        base_dir = _base_dir(info)
+        if not value or base_dir is None:
+            return value
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else base_dir / path)
+
+
 class SiteConfig(ConfigTable):
     """A site's TOML file. ``[task]`` is checked by the task it names (its options are the task's own)."""
 
@@ -91,13 +135,19 @@ class SiteConfig(ConfigTable):
         description="[task]: name picks the task, the other keys are its options (data_dir relative to this file).",
     )
     agent: AgentSettings = Field(AgentSettings(), description="[agent]")
+    signing: SiteSigningSettings = Field(SiteSigningSettings(), description="[signing]")
 
     @model_validator(mode="before")
     @classmethod
     def _agent_table_even_if_absent(cls, values: Any) -> Any:
-        """Validate a missing ``[agent]`` too, so its state dir defaults to the file's folder."""
+        """Validate a missing ``[agent]`` too, so its state dir defaults to the file's folder; the same for
+        ``[signing] key_file``, which defaults to ``<site_id>.signing.key`` there."""
         if isinstance(values, Mapping) and "agent" not in values:
-            return {**values, "agent": {}}
+            values = {**values, "agent": {}}
+        if isinstance(values, Mapping) and isinstance(values.get("site_id"), str) and values["site_id"]:
+            signing = values.get("signing", {})
+            if isinstance(signing, Mapping) and not signing.get("key_file"):
+                values = {**values, "signing": {**signing, "key_file": f"{values['site_id']}.signing.key"}}
         return values
 
     @field_validator("task")

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import torch
 
+from broker.keys import parse_public_key, read_private_key
 from broker.pika_transport import ConnectionSettings, PikaTransport, run_reconnecting
 from broker.transport import ConsumeRefused, TransportConnectionError
 from site_agent.agent import LocalTrainer, SiteAgent, UpdateCounter
 from site_agent.config import SiteConfig
+from site_agent.signatures import SiteSigning
 from tasks.registry import task_from_options
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,29 @@ def build_agent(config: SiteConfig) -> SiteAgent:
         heartbeat_seconds=config.agent.heartbeat_seconds,
         compression=config.agent.compression,
         retry_max_wait_seconds=config.agent.reconnect_max_wait_seconds,
+        signing=build_signing(config),
     )
+
+
+def build_signing(config: SiteConfig) -> SiteSigning:
+    """The site's key and the coordinator's; with ``required``, both must be there (ValueError saying which)."""
+    signing = config.signing
+    key_file = Path(signing.key_file)
+    if signing.required and not key_file.exists():
+        raise ValueError(
+            f"no signing key {key_file}: make it here with `fedmq site keygen {config.site_id}` and send its .pub "
+            "to the federation operator (or set [signing] required = false)"
+        )
+    if signing.required and not signing.coordinator_public_key:
+        raise ValueError(
+            "[signing] coordinator_public_key is missing: use the site file `fedmq broker add-site` wrote "
+            "(or set [signing] required = false)"
+        )
+    private_key = read_private_key(key_file) if key_file.exists() else None
+    coordinator_key = parse_public_key(signing.coordinator_public_key) if signing.coordinator_public_key else None
+    if private_key is None:
+        log.warning("no signing key %s: updates go unsigned (the coordinator may refuse them)", key_file)
+    return SiteSigning(private_key, coordinator_key, required=signing.required)
 
 
 def connection_settings(config: SiteConfig) -> ConnectionSettings:

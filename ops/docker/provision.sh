@@ -6,6 +6,8 @@
 #   deploy/coordinator-broker.toml  the coordinator's broker URL (written by `fedmq broker declare`)
 #   deploy/coordinator.toml         the coordinator's config (mounted into its container)
 #   deploy/sites/<site>.toml        each hospital's config (from `fedmq broker add-site`, plus task and agent)
+#   deploy/sites/<site>.signing.key each hospital's signing key (`fedmq site keygen`; only its .pub is registered)
+#   deploy/keys/                    the coordinator's signing key pair and the hospitals' public keys (sites/)
 #   deploy/coordinator-state/ deploy/site-state/<site>/ deploy/certs/<name>/
 #
 # fedmq itself runs from the coordinator image on the compose network, as your own uid, so the files are yours.
@@ -79,7 +81,12 @@ for site in "${SITES[@]}"; do
         echo "keeping $site_file"
         continue
     fi
-    run_fedmq broker add-site "$site"
+    # the hospital's signing key: made where the hospital's agent runs (here, the same deploy dir); only the
+    # .pub is registered with the coordinator's key registry (deploy/keys/sites/)
+    if [[ ! -f "$DEPLOY_DIR/sites/$site.signing.key" ]]; then
+        run_fedmq site keygen "$site" --dir /deploy/sites
+    fi
+    run_fedmq broker add-site "$site" --public-key "/deploy/sites/$site.signing.pub"
     cat >> "$site_file" <<EOF
 
 [task]
@@ -110,6 +117,9 @@ name = "fedbuff"
 [metrics]
 host = "0.0.0.0"   # inside the container, so that Prometheus can scrape it
 port = 9464
+
+[signing]
+keys_dir = "/etc/fedmq/keys"   # deploy/keys: the coordinator's key pair and the hospitals' public keys
 EOF
 fi
 

@@ -23,7 +23,9 @@ Fixtures:
 
     Site users are node-wide (RabbitMQ users are not per vhost): the ones ``add_site`` creates are deleted
     at teardown, so tests can all use readable names such as ``hospital-a`` as long as they run one at a time.
-    ``broker_env.state_dir`` is a per-test state dir (site config files, coordinator-broker.toml).
+    ``broker_env.state_dir`` is a per-test state dir (site config files, coordinator-broker.toml, ``keys/``).
+    ``add_site`` also makes the site's signing key pair (``site_key_file``) and registers its public key, so
+    real site agents and a coordinator given ``keys_dir=broker_env.keys_dir`` sign and check end to end.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import pika
 import pytest
 
 from broker.declare import declare_topology_at
+from broker.keys import generate_private_key, keys_dir, public_key_path, write_key_pair
 from broker.management import ManagementClient
 from broker.node import BrokerAccess, LocalNode
 from broker.provisioning import (
@@ -70,8 +73,21 @@ class BrokerEnv:
         """A URL for any user/password on this test's vhost."""
         return amqp_url(user, password, self.access.amqp_host, self.access.amqp_port, self.vhost)
 
+    @property
+    def keys_dir(self) -> Path:
+        """The key registry (``broker.keys``): the coordinator's key pair and ``sites/NAME.pub``."""
+        return keys_dir(self.state_dir)
+
+    def site_key_file(self, site_id: str) -> Path:
+        """The site's private signing key, where its config file's ``[signing] key_file`` default finds it."""
+        return self.state_dir / "sites" / f"{site_id}.signing.key"
+
     def add_site(self, site_id: str) -> SiteCredentials:
-        """Provision a site exactly as ``fedmq broker add-site`` does (removed again at teardown)."""
+        """Provision a site exactly as ``fedmq site keygen`` + ``fedmq broker add-site --public-key`` do (removed
+        again at teardown)."""
+        key_file = self.site_key_file(site_id)
+        if not key_file.exists():
+            write_key_pair(key_file, generate_private_key())
         config_path = add_site(
             self.management,
             site_id=site_id,
@@ -79,6 +95,7 @@ class BrokerEnv:
             amqp_port=self.access.amqp_port,
             vhost=self.vhost,
             state_dir=self.state_dir,
+            public_key_file=public_key_path(key_file),
         )
         self._site_ids.append(site_id)
         return SiteCredentials(site_id=site_id, url=read_broker_url(config_path), config_path=config_path)

@@ -28,8 +28,23 @@ def free_port() -> int:
 
 
 def write_coordinator_config(
-    path: Path, *, url: str, sites: list[str], state_dir: Path, metrics_port: int, extra: str = ""
+    path: Path,
+    *,
+    url: str,
+    sites: list[str],
+    state_dir: Path,
+    metrics_port: int,
+    extra: str = "",
+    keys_dir: Path | None = None,
 ) -> Path:
+    """With ``keys_dir`` (``BrokerEnv.keys_dir``) updates must be signed by the registered keys and models are
+    signed with the key there; without it updates go unchecked (``[signing] required = false``), for tests of
+    other things that publish raw, unsigned updates."""
+    signing = (
+        f"[signing]\nkeys_dir = {json.dumps(str(keys_dir))}\n"
+        if keys_dir is not None
+        else "[signing]\nrequired = false\n"
+    )
     path.write_text(
         f"""task = "heart-disease"
 sites = {json.dumps(sites)}
@@ -38,6 +53,7 @@ state_dir = {json.dumps(str(state_dir))}
 url = {json.dumps(url)}
 [metrics]
 port = {metrics_port}
+{signing}
 {extra}
 """
     )

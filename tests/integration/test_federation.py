@@ -52,6 +52,7 @@ def write_coordinator(broker_env: BrokerEnv, tmp_path: Path, sites: list[str], e
         state_dir=state_dir,
         metrics_port=metrics_port,
         extra=extra,
+        keys_dir=broker_env.keys_dir,
     )
     return config, state_dir, metrics_port
 

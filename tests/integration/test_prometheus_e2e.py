@@ -248,6 +248,7 @@ def federation(broker_env: BrokerEnv, tmp_path: Path, prometheus_binary: str) ->
         sites=list(SITES),
         state_dir=tmp_path / "coordinator",
         metrics_port=metrics_port,
+        keys_dir=broker_env.keys_dir,
         extra=f"""[strategy]
 name = "fedbuff"
 max_staleness = 20

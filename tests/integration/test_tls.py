@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import socket
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pika
 import pytest
+from cryptography import x509
 
 from broker.certs import CertificateStore
 from broker.node import LocalNode
@@ -93,8 +95,11 @@ def tls_broker(
     command = ["--state-dir", str(state_dir), "broker"]
     try:
         assert main([*command, "up", "--tls", *map(str, ports)]) == 0
-        for site in SITES:
-            assert main([*command, "add-site", site]) == 0
+        sites_dir = state_dir / "sites"
+        for site in SITES:  # each hospital makes its signing key; the operator registers the public half
+            assert main(["site", "keygen", site, "--dir", str(sites_dir)]) == 0
+            public_key = str(sites_dir / f"{site}.signing.pub")
+            assert main([*command, "add-site", site, "--public-key", public_key]) == 0
         yield TlsBroker(state_dir, LocalNode.from_state_dir(state_dir), plain)
     finally:
         LocalNode.from_state_dir(state_dir).stop()
@@ -207,3 +212,76 @@ def test_hospital_a_certificate_cannot_publish_as_hospital_b(
     assert refusal.value.reply_code == reply_code
     assert reply_text in str(refusal.value)
     assert tls_broker.updates_waiting() == waiting_before
+
+
+# ------------------------------------------------------------------------------------------------ revocation
+
+
+def _copy_identity(tls_broker: TlsBroker, site_id: str, destination: Path) -> ConnectionSettings:
+    """The site's connection settings with a copy of its current certificate and key (what a thief would keep)."""
+    settings = tls_broker.site_settings(site_id)
+    assert settings.cert_file is not None and settings.key_file is not None
+    destination.mkdir(parents=True, exist_ok=True)
+    cert_file, key_file = destination / "cert.pem", destination / "key.pem"
+    shutil.copyfile(settings.cert_file, cert_file)
+    shutil.copyfile(settings.key_file, key_file)
+    return dataclasses.replace(settings, cert_file=str(cert_file), key_file=str(key_file))
+
+
+def _connects(settings: ConnectionSettings) -> bool:
+    try:
+        PikaTransport.connect(settings).close()
+    except TransportConnectionError:
+        return False
+    return True
+
+
+def test_after_remove_site_and_add_site_the_old_certificate_cannot_connect_and_the_new_one_can(
+    tls_broker: TlsBroker, tmp_path: Path
+) -> None:
+    # Prepare: a provisioned site whose certificate and key someone kept a copy of
+    command = ["--state-dir", str(tls_broker.state_dir), "broker"]
+    assert main([*command, "add-site", "revoked-site"]) == 0
+    old = _copy_identity(tls_broker, "revoked-site", tmp_path / "old")
+    assert _connects(old)
+
+    # Execute: the operator removes the site and adds it again
+    assert main([*command, "remove-site", "revoked-site"]) == 0
+    assert main([*command, "add-site", "revoked-site"]) == 0
+    log_offset = tls_broker.log_size()
+
+    # Assert: the old certificate is refused in the TLS handshake as revoked; the new one logs in
+    try:
+        new = tls_broker.site_settings("revoked-site")
+        assert Path(str(new.cert_file)).read_bytes() != Path(str(old.cert_file)).read_bytes()
+        assert not _connects(old)
+        assert tls_broker.logged_since(log_offset, "Certificate Revoked")
+        assert _connects(new)
+    finally:
+        main([*command, "remove-site", "revoked-site"])
+
+
+def test_after_a_certificate_rotation_the_previous_certificate_cannot_connect(
+    tls_broker: TlsBroker, tmp_path: Path
+) -> None:
+    # Prepare
+    command = ["--state-dir", str(tls_broker.state_dir), "broker"]
+    assert main([*command, "add-site", "rotated-site"]) == 0
+    first = _copy_identity(tls_broker, "rotated-site", tmp_path / "first")
+
+    # Execute: two rotations in a row
+    try:
+        assert main([*command, "add-site", "rotated-site", "--rotate-password"]) == 0
+        second = _copy_identity(tls_broker, "rotated-site", tmp_path / "second")
+        assert main([*command, "add-site", "rotated-site", "--rotate-password"]) == 0
+
+        # Assert: only the newest certificate connects; every certificate it replaced is on the CRL
+        assert not _connects(first)
+        assert not _connects(second)
+        assert _connects(tls_broker.site_settings("rotated-site"))
+        revoked = CertificateStore.for_state_dir(tls_broker.state_dir).revoked_serials()
+        for settings in (first, second):
+            certificate = x509.load_pem_x509_certificate(Path(str(settings.cert_file)).read_bytes())
+            assert certificate.serial_number in revoked
+    finally:
+        main([*command, "remove-site", "rotated-site"])

@@ -13,12 +13,12 @@ def test_a_tiny_codec_run_prints_size_and_time_ratios_for_every_compression(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Execute
-    exit_code = main(["bench", "codec", "--params", "10000", "--repeat", "2"])
+    exit_code = main(["bench", "codec", "--params", "20000", "--repeat", "2"])
 
     # Assert
     output = capsys.readouterr().out
     assert exit_code == 0
-    assert "ModelUpdate of 10,000 float32 parameters" in output
+    assert "ModelUpdate of 20,000 float32 parameters" in output
     assert "encoded/raw" in output
     assert "(enc+dec)/copy" in output
     rows = {line.split()[0]: line.split()[1:] for line in output.splitlines() if line[:1].isalpha()}

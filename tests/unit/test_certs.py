@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pika
@@ -17,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from broker.certs import CertificateError, CertificateSettings, CertificateStore
+from broker.certs import CertificateError, CertificateSettings, CertificateStore, name_hash
 from broker.node import LocalNode, load_access
 from broker.pika_transport import ConnectionSettings
 from coordinator.config import config_from_dict
@@ -286,15 +287,88 @@ def test_a_tls_node_serves_amqps_only_and_keeps_the_management_api_on_loopback(t
     # Execute: the files `fedmq broker up --tls` writes before it starts RabbitMQ
     node.write_files()
     settings = (tmp_path / "state" / "broker" / "rabbitmq.conf").read_text().splitlines()
+    advanced = (tmp_path / "state" / "broker" / "advanced.config").read_text()
     access = load_access(tmp_path / "state")
 
-    # Assert: no plain listener, client certificates required, login by CN, management on loopback only
+    # Assert: no plain listener, client certificates required and checked against the CRL, login by CN,
+    # management on loopback only
     assert "listeners.tcp = none" in settings and "listeners.ssl.1 = 0.0.0.0:5671" in settings
-    for line in ("ssl_options.verify = verify_peer", "ssl_options.fail_if_no_peer_cert = true"):
-        assert line in settings
+    for option in ("{verify, verify_peer}", "{fail_if_no_peer_cert, true}", "{crl_check, peer}"):
+        assert option in advanced
+    crl_dir = node.certificates.crl_dir
+    assert f'{{crl_cache, {{ssl_crl_hash_dir, {{internal, [{{dir, "{crl_dir}"}}]}}}}}}' in advanced
+    assert [path.suffix for path in crl_dir.iterdir()] == [".r0"]
     assert "auth_mechanisms.1 = EXTERNAL" in settings and "ssl_cert_login_from = common_name" in settings
     assert "management.tcp.ip = 127.0.0.1" in settings
     assert access.management_url.startswith("http://127.0.0.1:")
     assert access.admin_url() == "amqps://mq.example.org:5671/fedmq"
     assert access.tls is not None and subject(access.tls.cert_file) == "CN=fedmq-admin"
     assert "DNS:mq.example.org" in alt_names(node.certificates.broker_files().cert_file)
+
+
+# ------------------------------------------------------------------------------------------------ revocation
+
+
+def test_the_crl_file_is_named_by_openssls_hash_of_the_ca(tmp_path: Path) -> None:
+    store = CertificateStore(tmp_path / "certs")
+    store.ensure_all(clients=["cleveland"])
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl command to compare with")
+
+    expected = subprocess.run(
+        [openssl, "crl", "-hash", "-noout", "-in", str(store.crl_file)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+    assert [path.name for path in store.crl_dir.iterdir()] == [f"{expected}.r0"]
+    assert name_hash(certificate(store.ca_file).subject) == expected
+
+
+def test_a_replaced_or_removed_client_certificate_is_on_the_crl_and_a_new_one_is_issued(tmp_path: Path) -> None:
+    # Prepare
+    store = CertificateStore(tmp_path / "certs")
+    store.ensure_all(clients=["cleveland", "hungary"])
+    files = store.client_files("cleveland")
+    first = certificate(files.cert_file)
+    hungary = certificate(store.client_files("hungary").cert_file)
+
+    # Execute: a rotation, then a removal and an issue under the same name
+    store.ensure_client("cleveland", reissue=True)
+    second = certificate(files.cert_file)
+    assert store.revoke_client("cleveland")
+    assert not files.cert_file.exists() and not files.key_file.exists()
+    third = certificate(store.ensure_client("cleveland").files.cert_file)
+
+    # Assert: both old serials revoked in a CRL the CA signed; the new one and hungary's are not
+    crl = x509.load_pem_x509_crl(store.crl_file.read_bytes())
+    assert crl.is_signature_valid(certificate(store.ca_file).public_key())  # type: ignore[arg-type]
+    revoked = {entry.serial_number for entry in crl}
+    assert {first.serial_number, second.serial_number} <= revoked
+    assert third.serial_number not in revoked and hungary.serial_number not in revoked
+    assert len({first.serial_number, second.serial_number, third.serial_number}) == 3
+
+
+def test_a_renewed_ca_starts_an_empty_crl_in_its_own_hash_file(tmp_path: Path) -> None:
+    store = CertificateStore(tmp_path / "certs")
+    store.ensure_all(clients=["cleveland"])
+    store.ensure_client("cleveland", reissue=True)
+    assert store.revoked_serials()
+
+    store.ensure_all(renew_ca=True)
+
+    assert store.revoked_serials() == {}
+    assert [path.name for path in store.crl_dir.iterdir()] == [f"{name_hash(certificate(store.ca_file).subject)}.r0"]
+
+
+def test_a_certificate_reissued_because_it_expires_soon_is_revoked_too(tmp_path: Path) -> None:
+    # Prepare: certificates valid 20 days, renewed when 30 days or fewer are left
+    store = CertificateStore(tmp_path / "certs", CertificateSettings(leaf_days=20))
+    store.ensure_all(clients=["cleveland"])
+    first = certificate(store.client_files("cleveland").cert_file)
+
+    # Execute
+    store.ensure_all()
+
+    # Assert
+    assert certificate(store.client_files("cleveland").cert_file).serial_number != first.serial_number
+    assert first.serial_number in store.revoked_serials()

@@ -49,6 +49,7 @@ def heart_config(state_dir: Path, strategy: StrategyChoice = FEDBUFF_ADAM, max_s
         sites=SITES,
         state_dir=state_dir,
         strategy={"name": name, "max_staleness": max_staleness, **params},
+        signing={"required": False},  # these updates are unsigned; signatures are tested in test_signing.py
     )
 
 

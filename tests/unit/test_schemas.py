@@ -182,7 +182,7 @@ def test_every_message_round_trips_with_all_fields_equal(message: Message) -> No
     # Assert
     assert isinstance(encoded, bytes)
     assert_messages_equal(message, decoded)
-    assert decoded.schema_version == SCHEMA_VERSION == 2
+    assert decoded.schema_version == SCHEMA_VERSION == 3
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=message_id)
@@ -464,7 +464,7 @@ def test_non_bytes_input_is_malformed() -> None:
         Control.decode("control")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, 999, "2", 2.0, True, None], ids=repr)
+@pytest.mark.parametrize("version", [0, 1, 2, 4, 999, "3", 3.0, True, None], ids=repr)
 def test_unknown_schema_version_is_refused_naming_the_field(version: object) -> None:
     encoded = repack(sample_messages()[2].encode(), lambda body: body.update(schema_version=version))
 
