@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from broker.topology import Queue
+from broker.topology import Queue, site_update_queue
 from tests.integration.conftest import BrokerEnv
 from tests.integration.coordinator_process import (
     CoordinatorProcess,
@@ -224,7 +224,11 @@ max_update_norm = 1000.0
             return [r["update_id"] for r in coordinator.audit_records() if r["outcome"] == "accepted"]
 
         wait_for(lambda: len(set(accepted_ids())) >= total, 120, "not every confirmed update was applied")
-        wait_for(lambda: broker_env.message_count(Queue.COORDINATOR_UPDATES.value) == 0, 30, "queue not drained")
+
+        def drained() -> bool:
+            return all(broker_env.message_count(site_update_queue(site)) == 0 for site in sites)
+
+        wait_for(drained, 30, "queue not drained")
     finally:
         coordinator.stop()
 
