@@ -62,7 +62,7 @@ from benchmarks.harness import (
 from benchmarks.synthetic import UpdateTemplate, model_tensors, write_synthetic_coordinator
 from broker.memory import MemoryBroker
 from broker.pika_transport import read_in_frame_sized_chunks
-from broker.topology import Exchange, Kind, routing_key, site_update_queues
+from broker.topology import SITE_UPDATE_QUEUE_LENGTH, Exchange, Kind, routing_key, site_update_queues
 from broker.transport import Delivery
 from coordinator.aggregation import Contribution, FedBuff
 from coordinator.audit import AuditLog
@@ -434,7 +434,8 @@ def measure_drains(
     rates: dict[str, list[float]] = {"publish": [], "raw": [], "frame reads": [], "coordinator": []}
     rejected = 0
     try:
-        count = messages_for(sites.message_bytes, budget_mb)
+        # pre-filled queues: no more than the sites' update queues hold (flood control refuses the rest)
+        count = min(messages_for(sites.message_bytes, budget_mb), SITE_UPDATE_QUEUE_LENGTH * site_count)
         prefetch = CoordinatorConfig().update_prefetch
         for _ in range(repeats):
             rates["publish"].append(count / sites.publish(count))
