@@ -2,11 +2,12 @@
 
 Every site is provisioned as a real broker user (``fedmq broker add-site``'s code: own user, permissions,
 inbox and control queue) and keeps its own AMQP connection open for the whole measurement, sending a heartbeat
-every ``--heartbeat`` seconds, as a site agent does. For each site count the update queue is pre-filled with
-the same number of updates (spread round-robin over the sites, each with its own credentials and publisher
-confirms), then a real ``fedmq coordinator run`` (synthetic model, FedBuff K=10) that knows exactly those sites
-drains it while its resident memory and CPU time are sampled from /proc. Updates per second come from the
-coordinator's audit log (first to last update), as in ``fedmq bench throughput``.
+every ``--heartbeat`` seconds, as a site agent does. For each site count the sites' update queues are pre-filled
+with the same number of updates (spread round-robin over the sites, each with its own credentials and publisher
+confirms; at most 8 per site, what flood control lets a site queue), then a real ``fedmq coordinator run``
+(synthetic model, FedBuff K=10) that knows exactly those sites drains them while its resident memory and CPU
+time are sampled from /proc. Updates per second come from the coordinator's audit log (first to last update), as
+in ``fedmq bench throughput``.
 
 Goal: memory independent of the number of sites (it should grow with the model and the buffer), throughput flat.
 """
@@ -45,7 +46,7 @@ from benchmarks.harness import (
 )
 from benchmarks.synthetic import UpdateTemplate, model_tensors, write_synthetic_coordinator
 from benchmarks.throughput import rate_of, update_records
-from broker.topology import Exchange, Kind, routing_key
+from broker.topology import SITE_UPDATE_QUEUE_LENGTH, Exchange, Kind, routing_key
 from schemas import Heartbeat, SiteState
 
 HELP = "10..200 sites as real broker users against one coordinator: updates/s, coordinator RSS and CPU"
@@ -139,6 +140,8 @@ def measure(
     work_dir: Path,
 ) -> ScaleRow:
     purge_queues(broker.admin_url, site_ids)
+    # pre-filled queues: no more than the sites' update queues hold (flood control refuses the rest)
+    updates = min(updates, SITE_UPDATE_QUEUE_LENGTH * len(site_ids))
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     shapes = {name: tensor.shape for name, tensor in model_tensors(num_parameters).items()}

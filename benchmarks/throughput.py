@@ -62,7 +62,7 @@ from benchmarks.harness import (
 from benchmarks.synthetic import UpdateTemplate, model_tensors, write_synthetic_coordinator
 from broker.memory import MemoryBroker
 from broker.pika_transport import read_in_frame_sized_chunks
-from broker.topology import Exchange, Kind, Queue, routing_key
+from broker.topology import SITE_UPDATE_QUEUE_LENGTH, Exchange, Kind, routing_key, site_update_queues
 from broker.transport import Delivery
 from coordinator.aggregation import Contribution, FedBuff
 from coordinator.audit import AuditLog
@@ -321,7 +321,9 @@ class ScriptedSites:
                 connection.close()
 
 
-def drain_with_bare_consumer(url: str, count: int, prefetch: int, *, frame_reads: bool = False) -> list[float]:
+def drain_with_bare_consumer(
+    url: str, site_ids: Sequence[str], count: int, prefetch: int, *, frame_reads: bool = False
+) -> list[float]:
     """Delivery times of ``count`` messages consumed and acked by a plain pika consumer; ``frame_reads`` gives it
     fedmq's socket reads (a frame per read) instead of pika's 4 KiB."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
@@ -339,7 +341,8 @@ def drain_with_bare_consumer(url: str, count: int, prefetch: int, *, frame_reads
         if len(times) >= count:
             channel.stop_consuming()
 
-    channel.basic_consume(Queue.COORDINATOR_UPDATES.value, on_message)
+    for queue in site_update_queues(site_ids):
+        channel.basic_consume(queue, on_message)
     timer = threading.Timer(DRAIN_TIMEOUT_SECONDS, lambda: connection.add_callback_threadsafe(channel.stop_consuming))
     timer.start()
     try:
@@ -431,13 +434,16 @@ def measure_drains(
     rates: dict[str, list[float]] = {"publish": [], "raw": [], "frame reads": [], "coordinator": []}
     rejected = 0
     try:
-        count = messages_for(sites.message_bytes, budget_mb)
+        # pre-filled queues: no more than the sites' update queues hold (flood control refuses the rest)
+        count = min(messages_for(sites.message_bytes, budget_mb), SITE_UPDATE_QUEUE_LENGTH * site_count)
         prefetch = CoordinatorConfig().update_prefetch
         for _ in range(repeats):
             rates["publish"].append(count / sites.publish(count))
-            rates["raw"].append(rate_of(drain_with_bare_consumer(broker.coordinator_url, count, prefetch)))
+            rates["raw"].append(rate_of(drain_with_bare_consumer(broker.coordinator_url, site_ids, count, prefetch)))
             sites.publish(count)
-            frame_read_times = drain_with_bare_consumer(broker.coordinator_url, count, prefetch, frame_reads=True)
+            frame_read_times = drain_with_bare_consumer(
+                broker.coordinator_url, site_ids, count, prefetch, frame_reads=True
+            )
             rates["frame reads"].append(rate_of(frame_read_times))
             sites.publish(count)
             coordinator_times, drain_rejected = drain_with_coordinator(

@@ -109,6 +109,13 @@ def register(subcommands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help=f"address to listen on (default {defaults.bind}; 0.0.0.0 to accept hospitals on the network)",
     )
     up.add_argument(
+        "--prometheus-bind",
+        help=(
+            f"address of RabbitMQ's Prometheus endpoint (default {defaults.prometheus_bind}: it needs no login and "
+            "lists every site's queues, so keep it off the hospitals' network)"
+        ),
+    )
+    up.add_argument(
         "--public-host", help="host name written into the URLs handed to sites (default: the --bind address)"
     )
     up.add_argument(
@@ -273,6 +280,7 @@ def _requested_settings(args: argparse.Namespace, saved: NodeSettings | None) ->
         "management_port": args.management_port,
         "prometheus_port": args.prometheus_port,
         "bind": args.bind,
+        "prometheus_bind": args.prometheus_bind,
         "public_host": args.public_host,
         "tls": args.tls,
         "amqps_port": args.amqps_port,

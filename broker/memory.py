@@ -1,7 +1,8 @@
 """An in-process broker and ``Transport`` for unit tests of the federation logic (no RabbitMQ needed).
 
 It keeps the rules the logic relies on: topic routing with ``*`` and ``#``, the topology's bindings, an inbox
-that keeps only the newest message, user_id checked against the login, unroutable publishes refused, and
+that keeps only the newest message, a full ``reject-publish`` queue (a site's update queue) refusing the publish
+as RabbitMQ's nack does, user_id checked against the login, unroutable publishes refused, and
 unacked deliveries returned to their queue when a transport closes. It does not model permissions: those are
 RabbitMQ's job and are tested against the real broker.
 """
@@ -28,7 +29,13 @@ def topic_matches(pattern: str, key: str) -> bool:
 class _Queue:
     name: str
     max_length: int | None = None
+    reject_when_full: bool = False
     messages: deque[Delivery] = field(default_factory=deque)
+
+
+def _queue_of(spec: topology.QueueSpec) -> _Queue:
+    max_length = spec.arguments.get("x-max-length")
+    return _Queue(spec.name, max_length, reject_when_full=spec.arguments.get("x-overflow") == "reject-publish")
 
 
 class MemoryBroker:
@@ -39,26 +46,40 @@ class MemoryBroker:
 
     def declare(self, site_ids: Iterable[str] = ()) -> None:
         for spec in topology.SHARED_QUEUES:
-            self.queues.setdefault(spec.name, _Queue(spec.name))
+            self.queues.setdefault(spec.name, _queue_of(spec))
         self.bindings.extend(topology.SHARED_BINDINGS)
         for site_id in site_ids:
             for spec in topology.site_queues(site_id):
-                self.queues.setdefault(spec.name, _Queue(spec.name, spec.arguments.get("x-max-length")))
+                self.queues.setdefault(spec.name, _queue_of(spec))
             self.bindings.extend(topology.site_bindings(site_id))
 
-    def route(self, exchange: str, routing_key: str, delivery: Delivery) -> int:
+    def route(self, exchange: str, routing_key: str, delivery: Delivery) -> tuple[int, int]:
+        """Into every bound queue that has room: (queues bound, queues that refused it because they were full)."""
         targets = {
             binding.queue
             for binding in self.bindings
             if binding.exchange == exchange and topic_matches(binding.routing_key, routing_key)
         }
+        refused = 0
         for name in targets:
             queue = self.queues[name]
+            if queue.reject_when_full and queue.max_length is not None and len(queue.messages) >= queue.max_length:
+                refused += 1
+                continue
             queue.messages.append(delivery)
             if queue.max_length is not None:
                 while len(queue.messages) > queue.max_length:
                     queue.messages.popleft()
-        return len(targets)
+        return len(targets), refused
+
+    def queued_updates(self) -> list[Delivery]:
+        """The updates waiting in every site's update queue, site by site."""
+        return [
+            delivery
+            for name, queue in sorted(self.queues.items())
+            if name.startswith(topology.site_update_queue(""))
+            for delivery in queue.messages
+        ]
 
     def next_tag(self) -> int:
         return next(self._tags)
@@ -103,8 +124,11 @@ class MemoryTransport(Transport):
             exchange=exchange,
         )
         self.published.append((exchange, routing_key, bytes(body), dict(headers or {})))
-        if self.broker.route(exchange, routing_key, delivery) == 0:
+        bound, refused = self.broker.route(exchange, routing_key, delivery)
+        if bound == 0:
             raise PublishRefused(f"message to {exchange}/{routing_key} routed to no queue", 312)
+        if refused:
+            raise PublishRefused(f"broker nacked message to {exchange}/{routing_key} (queue full)")
 
     def consume(self, queue: str, handler: Handler, *, prefetch: int = 1) -> None:
         if queue not in self.broker.queues:

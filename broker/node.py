@@ -94,6 +94,9 @@ class NodeSettings:
     prometheus_port: int = DEFAULT_PROMETHEUS_PORT
     node_name: str | None = None
     bind: str = LOOPBACK
+    # RabbitMQ's Prometheus endpoint answers without a login and, per object, names every site and its queue depths:
+    # on this machine only, unless the operator puts it where only their Prometheus can reach it.
+    prometheus_bind: str = LOOPBACK
     # The host name written into URLs handed to sites (a real deployment's public name); default: bind.
     public_host: str | None = None
     # How often the broker refreshes queue/connection statistics for the management API and Prometheus.
@@ -145,6 +148,12 @@ class NodeStatus:
     pid: int | None
     access: BrokerAccess
     rabbitmq_version: str | None = None
+
+
+def _url_host(bind: str, public_host: str) -> str:
+    """The host a URL for a listener on ``bind`` should name (bracketed when IPv6)."""
+    host = public_host if bind in WILDCARD_ADDRESSES else bind
+    return f"[{host}]" if ":" in host else host
 
 
 def admin_file_path(state_dir: Path) -> Path:
@@ -203,6 +212,7 @@ def saved_node_settings(state_dir: Path) -> NodeSettings | None:
             prometheus_port=int(node.get("prometheus_port", defaults.prometheus_port)),
             node_name=str(node["name"]) if node.get("name") else None,
             bind=str(node.get("bind", defaults.bind)),
+            prometheus_bind=str(node.get("prometheus_bind", defaults.prometheus_bind)),
             public_host=str(node["public_host"]) if node.get("public_host") else None,
             statistics_interval_ms=int(node.get("statistics_interval_ms", defaults.statistics_interval_ms)),
             tls=bool(node.get("tls", defaults.tls)),
@@ -319,6 +329,7 @@ class LocalNode:
         prometheus_port: int = DEFAULT_PROMETHEUS_PORT,
         node_name: str | None = None,
         bind: str = LOOPBACK,
+        prometheus_bind: str = LOOPBACK,
         public_host: str | None = None,
         statistics_interval_ms: int = 5000,
         tls: bool = False,
@@ -333,6 +344,7 @@ class LocalNode:
             prometheus_port=prometheus_port,
             node_name=node_name,
             bind=bind,
+            prometheus_bind=prometheus_bind,
             public_host=public_host,
             statistics_interval_ms=statistics_interval_ms,
             tls=tls,
@@ -384,7 +396,7 @@ class LocalNode:
             amqp_host=host,
             amqp_port=settings.amqps_port if settings.tls else settings.amqp_port,
             management_url=f"http://{LOOPBACK if settings.tls else url_host}:{settings.management_port}",
-            prometheus_url=f"http://{url_host}:{settings.prometheus_port}/metrics",
+            prometheus_url=f"http://{_url_host(settings.prometheus_bind, host)}:{settings.prometheus_port}/metrics",
             admin_user=ADMIN_USER,
             admin_password=password or secrets.token_hex(24),
             tls=self.certificates.client_files(ADMIN_USER) if settings.tls else None,
@@ -416,6 +428,7 @@ class LocalNode:
         node: dict[str, Any] = {
             "name": self.node_name,
             "bind": settings.bind,
+            "prometheus_bind": settings.prometheus_bind,
             "dist_port": settings.dist_port,
             "management_port": settings.management_port,
             "prometheus_port": settings.prometheus_port,
@@ -485,7 +498,8 @@ class LocalNode:
                 # With TLS the plain-HTTP management API (admin password, provisioning) stays on this machine.
                 f"management.tcp.ip = {LOOPBACK if settings.tls else settings.bind}",
                 f"management.tcp.port = {settings.management_port}",
-                f"prometheus.tcp.ip = {settings.bind}",
+                # No login on this endpoint, and per-object series name every site: loopback unless told otherwise.
+                f"prometheus.tcp.ip = {settings.prometheus_bind}",
                 f"prometheus.tcp.port = {settings.prometheus_port}",
                 "prometheus.return_per_object_metrics = true",
                 f"collect_statistics_interval = {settings.statistics_interval_ms}",

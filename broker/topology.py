@@ -1,21 +1,41 @@
-"""Every RabbitMQ name fedmq uses, in one place.
+r"""Every RabbitMQ name fedmq uses, in one place.
 
 The federation is a handful of exchanges and queues in one vhost::
 
-    site agent --(site.<id>.update)-------> [fedmq.updates  topic] --> fedmq.coordinator.updates (quorum)
+    site agent --(site.<id>.update)-------> [fedmq.updates  topic] --> fedmq.updates.<id>  (quorum, one per site)
     site agent --(site.<id>.heartbeat|eval)> [fedmq.status   topic] --> fedmq.coordinator.status
     coordinator --(site.all.model)--------> [fedmq.models   topic] --> fedmq.site.<id>.inbox   (keeps newest only)
     coordinator --(site.<id>|all.control)-> [fedmq.control  topic] --> fedmq.site.<id>.control
     coordinator / broker -----------------> [fedmq.dead     topic] --> fedmq.dead-letters
 
 Sites never declare anything: the coordinator (or ``fedmq broker declare``) declares the shared topology, and
-provisioning a site declares that site's two queues. Routing keys always have the form ``site.<site_id>.<kind>``;
+provisioning a site declares that site's three queues. Routing keys always have the form ``site.<site_id>.<kind>``;
 ``all`` is reserved as the broadcast site id.
+
+Flood control: every site has its own update queue, ``fedmq.updates.<id>``, bound by that site's routing key and
+bounded to ``SITE_UPDATE_QUEUE_LENGTH`` messages (and ``SITE_UPDATE_QUEUE_BYTES``) with ``x-overflow =
+reject-publish``. The coordinator consumes every site's queue with its own small prefetch, so the broker hands it
+the sites' updates side by side instead of in one first-come line: a site that queues a thousand updates waits
+behind its own backlog only, and an honest update that arrives after the flood is handled at once, not after it.
+What does not fit is refused at the broker: the publisher's confirm is a nack (``PublishRefused`` at the agent),
+which means "try later", and nothing is dropped without its sender knowing. We chose this over one shared queue
+because RabbitMQ has no per-publisher bound inside a queue (a queue length limit on a shared queue lets one site
+fill it and refuse everybody else; per-user limits in 3.10 count connections and channels, not messages). The
+cost is one queue per site, created and deleted with the site by provisioning. Acks stay per delivery after the
+group commit, so the coordinator's guarantees (ack only what is durable, count nothing twice) are unchanged.
+
+The dead-letter queue is bounded too (``DEAD_LETTER_MAX_LENGTH`` messages, ``DEAD_LETTER_MAX_BYTES``) and drops
+from the head: it keeps the newest rejections for an operator to inspect; the audit log keeps every rejection's
+reason and digest for ever.
+
+Permission regexes end in ``\z``, not ``$``: in RabbitMQ's (PCRE) regexes ``$`` also matches before a final
+newline, so ``site.a.update\n`` would pass ``^site\.a\.[a-z]+$``.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -40,7 +60,6 @@ class Exchange(str, Enum):
 
 
 class Queue(str, Enum):
-    COORDINATOR_UPDATES = "fedmq.coordinator.updates"
     COORDINATOR_STATUS = "fedmq.coordinator.status"
     DEAD_LETTERS = "fedmq.dead-letters"
 
@@ -55,6 +74,13 @@ class Kind(str, Enum):
     CONTROL = "control"
 
 
+# Flood control: the updates one site may have waiting at the broker; beyond this its publishes are nacked. An
+# honest agent has one or two updates in flight; a model of 256 MiB still fits a few times into the byte bound.
+SITE_UPDATE_QUEUE_LENGTH = 8
+SITE_UPDATE_QUEUE_BYTES = 2 * 1024**3
+# The dead-letter queue keeps the newest rejections only (drop-head): for inspection, not an archive.
+DEAD_LETTER_MAX_LENGTH = 10_000
+DEAD_LETTER_MAX_BYTES = 1024**3
 # Redeliveries of one update before the broker dead-letters it (a poison message cannot wedge the coordinator).
 UPDATE_DELIVERY_LIMIT = 5
 # Header carrying the reason a message was dead-lettered by the coordinator.
@@ -87,6 +113,15 @@ def site_control_queue(site_id: str) -> str:
     return f"fedmq.site.{site_id}.control"
 
 
+def site_update_queue(site_id: str) -> str:
+    """The queue holding one site's updates for the coordinator (bounded: flood control)."""
+    return f"fedmq.updates.{site_id}"
+
+
+def site_update_queues(site_ids: Iterable[str]) -> tuple[str, ...]:
+    return tuple(site_update_queue(validate_site_id(site_id)) for site_id in sorted(set(site_ids)))
+
+
 @dataclass(frozen=True)
 class ExchangeSpec:
     name: str
@@ -111,20 +146,19 @@ class BindingSpec:
 EXCHANGES: tuple[ExchangeSpec, ...] = tuple(ExchangeSpec(exchange.value) for exchange in Exchange)
 
 SHARED_QUEUES: tuple[QueueSpec, ...] = (
+    QueueSpec(Queue.COORDINATOR_STATUS.value, {"x-queue-type": "quorum"}),
     QueueSpec(
-        Queue.COORDINATOR_UPDATES.value,
+        Queue.DEAD_LETTERS.value,
         {
             "x-queue-type": "quorum",
-            "x-delivery-limit": UPDATE_DELIVERY_LIMIT,
-            "x-dead-letter-exchange": Exchange.DEAD_LETTERS.value,
+            "x-max-length": DEAD_LETTER_MAX_LENGTH,
+            "x-max-length-bytes": DEAD_LETTER_MAX_BYTES,
+            "x-overflow": "drop-head",
         },
     ),
-    QueueSpec(Queue.COORDINATOR_STATUS.value, {"x-queue-type": "quorum"}),
-    QueueSpec(Queue.DEAD_LETTERS.value, {"x-queue-type": "quorum"}),
 )
 
 SHARED_BINDINGS: tuple[BindingSpec, ...] = (
-    BindingSpec(Queue.COORDINATOR_UPDATES.value, Exchange.UPDATES.value, f"site.*.{Kind.UPDATE.value}"),
     BindingSpec(Queue.COORDINATOR_STATUS.value, Exchange.STATUS.value, f"site.*.{Kind.HEARTBEAT.value}"),
     BindingSpec(Queue.COORDINATOR_STATUS.value, Exchange.STATUS.value, f"site.*.{Kind.EVAL.value}"),
     BindingSpec(Queue.DEAD_LETTERS.value, Exchange.DEAD_LETTERS.value, "#"),
@@ -132,11 +166,23 @@ SHARED_BINDINGS: tuple[BindingSpec, ...] = (
 
 
 def site_queues(site_id: str) -> tuple[QueueSpec, ...]:
-    """A site's inbox keeps only the newest global model (older ones are dropped from the head)."""
+    """A site's inbox keeps only the newest global model (older ones are dropped from the head); its update queue
+    refuses what does not fit (the publisher is told: a nack), so a flood stays at the flooding site."""
     validate_site_id(site_id)
     return (
         QueueSpec(site_inbox(site_id), {"x-max-length": 1, "x-overflow": "drop-head"}),
         QueueSpec(site_control_queue(site_id), {"x-max-length": 100, "x-overflow": "drop-head"}),
+        QueueSpec(
+            site_update_queue(site_id),
+            {
+                "x-queue-type": "quorum",
+                "x-delivery-limit": UPDATE_DELIVERY_LIMIT,
+                "x-dead-letter-exchange": Exchange.DEAD_LETTERS.value,
+                "x-max-length": SITE_UPDATE_QUEUE_LENGTH,
+                "x-max-length-bytes": SITE_UPDATE_QUEUE_BYTES,
+                "x-overflow": "reject-publish",
+            },
+        ),
     )
 
 
@@ -148,6 +194,7 @@ def site_bindings(site_id: str) -> tuple[BindingSpec, ...]:
         BindingSpec(inbox, Exchange.MODELS.value, routing_key(BROADCAST_SITE, Kind.MODEL)),
         BindingSpec(control, Exchange.CONTROL.value, routing_key(site_id, Kind.CONTROL)),
         BindingSpec(control, Exchange.CONTROL.value, routing_key(BROADCAST_SITE, Kind.CONTROL)),
+        BindingSpec(site_update_queue(site_id), Exchange.UPDATES.value, routing_key(site_id, Kind.UPDATE)),
     )
 
 
@@ -165,11 +212,11 @@ def site_permissions(site_id: str) -> Permissions:
     """A site may publish only to the update and status exchanges, only with its own routing keys,
     and read only its own inbox and control queue. It can declare nothing."""
     validate_site_id(site_id)
-    own_keys = rf"^site\.{re.escape(site_id)}\.[a-z]+$"
+    own_keys = rf"^site\.{re.escape(site_id)}\.[a-z]+\z"
     return Permissions(
-        configure="^$",
-        write=rf"^({re.escape(Exchange.UPDATES.value)}|{re.escape(Exchange.STATUS.value)})$",
-        read=rf"^fedmq\.site\.{re.escape(site_id)}\.(inbox|control)$",
+        configure=r"^\z",
+        write=rf"^({re.escape(Exchange.UPDATES.value)}|{re.escape(Exchange.STATUS.value)})\z",
+        read=rf"^fedmq\.site\.{re.escape(site_id)}\.(inbox|control)\z",
         topic_write={Exchange.UPDATES.value: own_keys, Exchange.STATUS.value: own_keys},
     )
 

@@ -4,6 +4,10 @@ For HIPAA/GDPR reviews: what each site sent (sha256 of the exact bytes), whether
 Each record holds ``prev_hash`` (the previous record's ``hash``) and its own ``hash`` = sha256 of the record's
 canonical JSON without ``hash``; editing, removing or reordering any record breaks the chain from there on,
 which ``verify_chain`` reports.
+
+A record is of bounded size whatever a site sends: it holds the body's digest and length, never its contents, and
+every string in it (a rejection's detail may quote what failed to decode) is cut to ``MAX_FIELD_CHARS`` with a
+marker saying how much was cut (``bounded``). Log lines about a message use ``bounded`` too.
 """
 
 from __future__ import annotations
@@ -20,6 +24,17 @@ from typing import Any
 from coordinator.errors import AuditError
 
 GENESIS_HASH = "0" * 64
+MAX_FIELD_CHARS = 500
+CUT_MARKER = "... [{} more characters cut]"
+
+
+def bounded(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """``text``, or its first ``limit`` characters and a marker saying how many more there were."""
+    return text if len(text) <= limit else text[:limit] + CUT_MARKER.format(len(text) - limit)
+
+
+def _bounded_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    return {key: bounded(value) if isinstance(value, str) else value for key, value in fields.items()}
 
 
 def _canonical(record: dict[str, Any]) -> bytes:
@@ -70,7 +85,7 @@ class AuditLog:
         """The record that would be appended next (chained, hashed), without writing it; ``after`` chains it to a
         sealed record not yet appended (a batch being committed)."""
         seq_no, previous = (after["seq_no"], after["hash"]) if after is not None else (self.count, self.last_hash)
-        record = {"seq_no": seq_no + 1, **fields, "prev_hash": previous}
+        record = {"seq_no": seq_no + 1, **_bounded_fields(fields), "prev_hash": previous}
         record["hash"] = record_hash(record)
         return record
 

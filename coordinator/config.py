@@ -29,6 +29,7 @@ Only ``load_config`` touches a file; everything else receives a ``CoordinatorCon
     [validation]
     max_update_norm = 1000.0
     max_message_mb = 256
+    max_num_examples = 1000000     # evaluation reports claiming more examples are refused
 
     [liveness]
     site_timeout_seconds = 30
@@ -228,6 +229,9 @@ class ValidationSettings(ConfigTable):
     # Redelivered updates are caught by their id; resent ones also by their site's seq, so a short memory suffices
     # and keeps the per-update checkpoint small.
     remembered_update_ids: int = Field(2_000, ge=1, description="Update ids remembered to refuse a duplicate.")
+    max_num_examples: int = Field(
+        1_000_000, ge=1, description="Largest num_examples a site may claim (evaluation reports above it are refused)."
+    )
 
 
 class LivenessSettings(ConfigTable):

@@ -2,7 +2,9 @@
 
 For each metric the coordinator derives two numbers over hospitals: the plain mean (every hospital counts the
 same) and the example-weighted (pooled) value, which for accuracy equals the accuracy on all test sets pooled.
-Every report is appended to a JSONL history a person can plot.
+Every report is appended to a JSONL history a person can plot. Reports reach the book only once
+``coordinator.status.check_eval_report`` found them plausible (finite, in range, of a version that exists), so a
+report for a future version cannot push the real versions out of it.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class EvaluationBook:
                 "pooled": evaluation.pooled,
             }
             with self.history_path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row) + "\n")
+                # strict JSON: a NaN or inf never reaches the file (coordinator.status refuses such reports first)
+                handle.write(json.dumps(row, allow_nan=False) + "\n")
         return evaluation
 
     def for_version(self, version: int) -> GlobalEvaluation | None:

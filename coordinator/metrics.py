@@ -22,11 +22,14 @@
 | fedmq_last_version_timestamp_seconds | gauge | | unix time of the last new version |
 | fedmq_seconds_since_last_version | gauge | | computed at scrape time |
 | fedmq_status_errors_total | counter | site | status messages dropped after an internal error (see the log) |
+| fedmq_status_rejected_total | counter | site, kind, reason | heartbeats (kind status) and evaluations (eval) refused |
 | fedmq_coordinator_info | gauge | strategy, task, version | always 1 |
 
 Rejection reasons: unknown-site, identity-mismatch, oversized, malformed, wrong-shape, non-finite,
 norm-too-large, stale, duplicate (checked by the coordinator); site-share, wrong-round, already-in-round,
-no-examples (refused by the strategy); internal-error (an unexpected exception while handling the update: a bug
+no-examples (refused by the strategy); out-of-range, unknown-version, too-many-examples (evaluation reports, which
+can also be unknown-site, identity-mismatch, oversized, malformed, non-finite); internal-error (an unexpected
+exception while handling the update: a bug
 in the coordinator, the update is dead-lettered and the log holds the traceback).
 """
 
@@ -54,6 +57,12 @@ class CoordinatorMetrics:
         )
         self.updates_rejected = Counter(
             "fedmq_updates_rejected", "Updates refused, by reason", ["site", "reason"], registry=registry
+        )
+        self.status_rejected = Counter(
+            "fedmq_status_rejected",
+            "Heartbeats and evaluation reports refused, by kind and reason",
+            ["site", "kind", "reason"],
+            registry=registry,
         )
         self.status_errors = Counter(
             "fedmq_status_errors",

@@ -1,7 +1,9 @@
-"""Why an update was rejected: one vocabulary for the validation, the strategies and the handler's guard.
+"""Why an update or a status message was rejected: one vocabulary for the validation, the strategies, the status
+checks and the handlers' guards.
 
-A reason's value is what operators see: the ``reason`` label of ``fedmq_updates_rejected_total``, the audit
-record's ``reason`` and the dead letter's ``x-fedmq-reject-reason`` header.
+A reason's value is what operators see: the ``reason`` label of ``fedmq_updates_rejected_total`` and
+``fedmq_status_rejected_total``, the audit record's ``reason`` and the dead letter's ``x-fedmq-reject-reason``
+header.
 """
 
 from __future__ import annotations
@@ -26,5 +28,10 @@ class Reason(str, Enum):
     WRONG_ROUND = "wrong-round"
     ALREADY_IN_ROUND = "already-in-round"
     NO_EXAMPLES = "no-examples"
+    # checked on evaluation reports (coordinator.status); unknown-site, identity-mismatch, oversized, malformed and
+    # non-finite apply to status messages too
+    OUT_OF_RANGE = "out-of-range"
+    UNKNOWN_VERSION = "unknown-version"
+    TOO_MANY_EXAMPLES = "too-many-examples"
     # an unexpected exception while handling the update (the handler's guard): a bug, not the site's doing
     INTERNAL_ERROR = "internal-error"

@@ -1,4 +1,9 @@
-"""What a finished run leaves behind: the final model (safetensors) and a JSON summary a person can read."""
+"""What a finished run leaves behind: the final model (safetensors) and a JSON summary a person can read.
+
+Results are shared (attached to a report, copied to a notebook), so they hold no credential: the summary's copy of
+the config shows the broker URL without its password (``broker.urls.redact_url``). The TLS key's path may stay:
+a path is not a secret, the key file itself is 0600.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from broker.urls import redact_url
 from coordinator.checkpoint import write_file_durably
 from coordinator.config import CoordinatorConfig, as_dict
 from coordinator.evaluation import EvaluationBook
@@ -51,8 +57,17 @@ def run_summary(
             site: {"up": status.up, "last_seen": status.last_seen, "state": status.state}
             for site, status in sorted(liveness.sites.items())
         },
-        "config": as_dict(config),
+        "config": redacted_config(config),
     }
+
+
+def redacted_config(config: CoordinatorConfig) -> dict[str, Any]:
+    """The config as JSON, with no password in it."""
+    document = as_dict(config)
+    broker = document.get("broker")
+    if isinstance(broker, dict) and isinstance(broker.get("url"), str):
+        broker["url"] = redact_url(broker["url"])
+    return document
 
 
 def write_results(directory: Path, state: RunState, task: str, summary: dict[str, Any]) -> None:

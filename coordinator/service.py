@@ -3,7 +3,7 @@
 It speaks to the broker only through a ``Transport`` (``attach``), so everything here runs the same against the
 in-memory transport in unit tests and against RabbitMQ in production. Each piece does one job:
 
-    updates queue -> on_update -> updates.UpdateHandler (validation -> Strategy -> outcome)
+    each site's update queue -> on_update -> updates.UpdateHandler (validation -> Strategy -> outcome)
                                -> commit.GroupCommit (checkpoint -> audit -> dead letters -> ack -> publish)
     status queue  -> on_status -> status.StatusHandler (liveness, evaluations) -> ack
     tick (between polls)       -> commit when due, liveness sweep, strategy flush, stopping.stop_reason
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from broker.topology import BROADCAST_SITE, Exchange, Kind, Queue, routing_key
+from broker.topology import BROADCAST_SITE, Exchange, Kind, Queue, routing_key, site_update_queues
 from broker.transport import Delivery, PublishRefused, Transport
 from coordinator.aggregation import Params, Strategy
 from coordinator.audit import AuditLog
@@ -35,7 +35,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.results import run_summary, write_results
 from coordinator.run_state import RunState
 from coordinator.signatures import Signer
-from coordinator.status import StatusHandler
+from coordinator.status import StatusHandler, StatusRejection, StatusRules
 from coordinator.stopping import final_evaluations_done, stop_reason
 from coordinator.updates import Outcome, UpdateHandler, UpdateRules
 from coordinator.validation import DuplicateFilter, SignatureCheck
@@ -45,6 +45,12 @@ from schemas import Control, ControlCommand, DecodeLimits, GlobalModel, ModelFin
 log = logging.getLogger(__name__)
 
 STATUS_PREFETCH = 50
+
+
+def update_prefetch_per_site(update_prefetch: int, sites: int) -> int:
+    """Each site's share of the updates in flight: a flooding site holds no more of the window than an honest one,
+    and the total stays within ``update_prefetch`` (the memory the coordinator may spend on received updates)."""
+    return max(1, -(-update_prefetch // max(1, sites)))
 
 
 class Coordinator:
@@ -82,20 +88,13 @@ class Coordinator:
         self.finished = False
         self.stop_reason = ""
         known_sites = frozenset(config.sites)
+        self.prefetch_per_site = update_prefetch_per_site(config.update_prefetch, len(known_sites))
         limits = DecodeLimits(max_message_bytes=int(config.validation.max_message_mb * 1024 * 1024))
         self.state = RunState(
             version=0, params={name: tensor.clone() for name, tensor in initial_params.items()}, started_at=clock()
         )
         self.liveness = Liveness(config.liveness.site_timeout_seconds)
         self.duplicates = DuplicateFilter(config.validation.remembered_update_ids)
-        self.status = StatusHandler(
-            known_sites=known_sites,
-            liveness=self.liveness,
-            evaluations=evaluations,
-            metrics=metrics,
-            limits=limits,
-            clock=clock,
-        )
         self.batch = GroupCommit(
             state=self.state,
             strategy=strategy,
@@ -107,6 +106,18 @@ class Coordinator:
             publish_model=self.publish_model,
             batch_size=config.update_prefetch,
             monotonic=monotonic,
+        )
+        self.status = StatusHandler(
+            rules=StatusRules(
+                known_sites=known_sites, max_num_examples=config.validation.max_num_examples, limits=limits
+            ),
+            liveness=self.liveness,
+            evaluations=evaluations,
+            metrics=metrics,
+            audit=audit,
+            batch=self.batch,
+            current_version=lambda: self.state.version,
+            clock=clock,
         )
         self.updates = UpdateHandler(
             rules=UpdateRules(
@@ -148,11 +159,15 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------------------------ broker
     def attach(self, transport: Transport) -> None:
-        """Start consuming and (re)publish the current model: after a crash, sites may have missed it."""
+        """Start consuming and (re)publish the current model: after a crash, sites may have missed it.
+
+        One consumer per site's update queue, each with its share of the prefetch window (flood control, see
+        ``broker.topology``): the broker then delivers the sites' updates side by side."""
         self.transport = transport
         self.batch.forget_deliveries()
         self.commit()
-        transport.consume(Queue.COORDINATOR_UPDATES.value, self.on_update, prefetch=self.config.update_prefetch)
+        for queue in site_update_queues(self.config.sites):
+            transport.consume(queue, self.on_update, prefetch=self.prefetch_per_site)
         transport.consume(Queue.COORDINATOR_STATUS.value, self.on_status, prefetch=STATUS_PREFETCH)
         self.publish_model()
 
@@ -220,12 +235,19 @@ class Coordinator:
         self.batch.commit()
 
     def on_status(self, delivery: Delivery) -> None:
-        self.process_status(delivery)
-        self._transport().ack(delivery)
+        """An accepted status message is acked at once; a refused one with the batch that makes its audit record
+        and dead letter durable."""
+        if self.process_status(delivery):
+            self._transport().ack(delivery)
+        else:
+            self.batch.handled(delivery)
 
-    def process_status(self, delivery: Delivery) -> None:
-        if self.status.handle(delivery):
+    def process_status(self, delivery: Delivery) -> bool:
+        """Handle one status message; False when it was refused."""
+        outcome = self.status.handle(delivery)
+        if outcome is True:
             self._check_stopping_rule()
+        return not isinstance(outcome, StatusRejection)
 
     # ------------------------------------------------------------------------------------------------- timers
     def tick(self) -> None:

@@ -18,7 +18,7 @@ import torch
 from broker.topology import REJECT_REASON_HEADER
 from broker.transport import Delivery
 from coordinator.aggregation import Contribution, Params, Strategy
-from coordinator.audit import AuditLog
+from coordinator.audit import AuditLog, bounded
 from coordinator.commit import GroupCommit
 from coordinator.errors import STORAGE_ERRORS
 from coordinator.metrics import CoordinatorMetrics
@@ -276,11 +276,11 @@ class UpdateHandler:
         )
         headers = {
             REJECT_REASON_HEADER: reason,
-            "x-fedmq-detail": rejection.detail[:500],
+            "x-fedmq-detail": bounded(rejection.detail),
             "x-fedmq-user-id": delivery.user_id or "",
         }
         self.batch.dead_letter(delivery, headers)
-        log.warning("rejected update from %s: %s (%s)", rejection.site_id, reason, rejection.detail)
+        log.warning("rejected update from %s: %s (%s)", rejection.site_id, reason, bounded(rejection.detail))
 
     def _record(
         self,

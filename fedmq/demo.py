@@ -15,7 +15,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -212,11 +211,13 @@ def purge_leftovers(state_dir: Path) -> None:
     """A fresh run must not inherit updates or evaluations an earlier demo left in the durable queues."""
     from broker.declare import purge_queues_at
     from broker.node import load_access
-    from broker.topology import VHOST, Queue, site_control_queue, site_inbox
+    from broker.topology import VHOST, Queue, site_control_queue, site_inbox, site_update_queue
 
     access = load_access(state_dir)
     queues = [queue.value for queue in Queue]
-    queues += [name for site in HEART_SITES for name in (site_inbox(site), site_control_queue(site))]
+    queues += [
+        name for site in HEART_SITES for name in (site_inbox(site), site_control_queue(site), site_update_queue(site))
+    ]
     dropped = purge_queues_at(access.connection_parameters(VHOST) if access.tls else access.admin_url(VHOST), queues)
     if dropped:
         print(f"dropped {dropped} messages an earlier run left in the queues", flush=True)
@@ -428,14 +429,14 @@ def run_demo(options: DemoOptions) -> int:
 
             shutil.rmtree(coordinator_dir)
         purge_leftovers(state_dir)
-        from broker.provisioning import coordinator_config_path, read_broker_url
+        from broker.provisioning import coordinator_config_path, read_broker_url, write_private_file
 
         metrics_port = options.metrics_port or free_tcp_ports(1)[0]
         config_path = demo_dir / "coordinator.toml"
-        config_path.write_text(
-            coordinator_toml(options, read_broker_url(coordinator_config_path(state_dir)), metrics_port)
+        # it holds the coordinator's broker password: 0600 from the first byte
+        write_private_file(
+            config_path, coordinator_toml(options, read_broker_url(coordinator_config_path(state_dir)), metrics_port)
         )
-        os.chmod(config_path, 0o600)
         started = time.time()
         coordinator = group.start(
             "coordinator", fedmq_command(state_dir, "coordinator", "run", "--config", str(config_path))

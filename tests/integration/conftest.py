@@ -18,7 +18,7 @@ Fixtures:
             site.url, site.config_path                          # amqp://hospital-a:...@127.0.0.1:PORT/VHOST
             broker_env.coordinator_url                          # amqp://fedmq-coordinator:...@.../VHOST
             connection = broker_env.connect(site.url)           # pika BlockingConnection, closed at teardown
-            broker_env.message_count(Queue.COORDINATOR_UPDATES.value)  # exact, over AMQP (not the lagging HTTP stats)
+            broker_env.message_count(site_update_queue("hospital-a"))  # exact, over AMQP (not the lagging HTTP stats)
             broker_env.close_connections("hospital-a")          # force a disconnect now (reconnect tests)
 
     Site users are node-wide (RabbitMQ users are not per vhost): the ones ``add_site`` creates are deleted

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import pika.exceptions
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -177,6 +178,28 @@ class ScriptedSite:
             properties,
             mandatory=True,
         )
+
+    def publish_status(self, kind: Kind, body: bytes) -> None:
+        """A heartbeat or an evaluation report, as this site, on its own routing key."""
+        properties = pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, user_id=self.site_id)
+        self.channel.basic_publish(
+            Exchange.STATUS.value, routing_key(self.site_id, kind), body, properties, mandatory=True
+        )
+
+    def publish_until_taken(self, body: bytes, *, retry_seconds: float = 0.2, timeout: float = 120.0) -> int:
+        """Publish as an agent does under flood control: a nack (the site's update queue is full) means try
+        later. Returns how many times the broker refused it first."""
+        deadline = time.monotonic() + timeout
+        refused = 0
+        while True:
+            try:
+                self.publish(body)
+                return refused
+            except pika.exceptions.NackError:
+                refused += 1
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(retry_seconds)
 
     def close(self) -> None:
         if self.connection.is_open:

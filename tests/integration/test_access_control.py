@@ -15,7 +15,7 @@ import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
 from broker import topology
-from broker.topology import Exchange, Kind, Queue, routing_key, site_inbox
+from broker.topology import Exchange, Kind, Queue, routing_key, site_inbox, site_update_queue
 
 if TYPE_CHECKING:
     from tests.integration.conftest import BrokerEnv
@@ -67,7 +67,7 @@ def test_site_publishes_its_own_update_and_reads_its_own_inbox(broker_env: Broke
     publish(coordinator_channel, Exchange.MODELS.value, routing_key("hospital-a", Kind.MODEL), b"model v2")
 
     # Assert: the coordinator receives the update stamped with the site's verified identity ...
-    method, properties, body = coordinator_channel.basic_get(Queue.COORDINATOR_UPDATES.value, auto_ack=True)
+    method, properties, body = coordinator_channel.basic_get(site_update_queue("hospital-a"), auto_ack=True)
     assert method is not None
     assert (body, properties.user_id, method.routing_key) == (b"delta", "hospital-a", "site.hospital-a.update")
     assert broker_env.message_count(Queue.COORDINATOR_STATUS.value) == 1
@@ -79,6 +79,12 @@ def test_site_publishes_its_own_update_and_reads_its_own_inbox(broker_env: Broke
 
 def _publish_with_other_sites_key(channel: BlockingChannel) -> None:
     publish(channel, Exchange.UPDATES.value, routing_key("hospital-b", Kind.UPDATE), b"x", user_id="hospital-a")
+
+
+def _publish_with_trailing_newline_key(channel: BlockingChannel) -> None:
+    # "$" would let this key through (it matches before a final newline); "\\z" does not
+    key = routing_key("hospital-a", Kind.UPDATE) + "\n"
+    publish(channel, Exchange.UPDATES.value, key, b"x", user_id="hospital-a")
 
 
 def _publish_as_other_site(channel: BlockingChannel) -> None:
@@ -104,7 +110,11 @@ def _consume_other_sites_inbox(channel: BlockingChannel) -> None:
 
 
 def _consume_coordinator_queue(channel: BlockingChannel) -> None:
-    channel.basic_consume(Queue.COORDINATOR_UPDATES.value, lambda *_: None)
+    channel.basic_consume(site_update_queue("hospital-b"), lambda *_: None)
+
+
+def _consume_own_update_queue(channel: BlockingChannel) -> None:
+    channel.basic_consume(site_update_queue("hospital-a"), lambda *_: None)
 
 
 def _get_from_dead_letters(channel: BlockingChannel) -> None:
@@ -133,6 +143,8 @@ def _bind_own_inbox_to_updates(channel: BlockingChannel) -> None:
         (_publish_control, ACCESS_REFUSED),
         (_consume_other_sites_inbox, ACCESS_REFUSED),
         (_consume_coordinator_queue, ACCESS_REFUSED),
+        (_consume_own_update_queue, ACCESS_REFUSED),
+        (_publish_with_trailing_newline_key, ACCESS_REFUSED),
         (_get_from_dead_letters, ACCESS_REFUSED),
         (_declare_queue, ACCESS_REFUSED),
         (_delete_own_inbox, ACCESS_REFUSED),
@@ -155,14 +167,16 @@ def test_broker_refuses_what_a_site_may_not_do(
     # Assert: refused with the expected AMQP code, and nothing reached or changed the federation's queues
     assert refusal.value.reply_code == reply_code
     for queue in (
-        Queue.COORDINATOR_UPDATES.value,
+        site_update_queue("hospital-a"),
+        site_update_queue("hospital-b"),
         Queue.COORDINATOR_STATUS.value,
         site_inbox("hospital-a"),
         site_inbox("hospital-b"),
     ):
         assert broker_env.message_count(queue) == 0
     assert {binding["destination"] for binding in _bindings_of(broker_env, Exchange.UPDATES.value)} == {
-        Queue.COORDINATOR_UPDATES.value
+        site_update_queue("hospital-a"),
+        site_update_queue("hospital-b"),
     }
 
 
@@ -189,3 +203,25 @@ def test_publish_that_routes_nowhere_is_detected(broker_env: BrokerEnv, who: str
     # Execute / Assert
     with pytest.raises(pika.exceptions.UnroutableError):
         publish(channel, exchange, key, b"lost?", user_id=user_id)
+
+
+def test_what_a_site_can_observe_of_other_queues_by_passive_declare(broker_env: BrokerEnv) -> None:
+    """RabbitMQ checks no permission for a passive queue.declare (vhost access is enough): a site that knows or
+    guesses a queue's name learns whether it exists and its message and consumer counts, never a message.
+    docs/DEPLOYMENT.md says so; this test keeps that statement true against the real broker."""
+    # Prepare: hospital-b has two updates waiting
+    site_a = broker_env.add_site("hospital-a")
+    site_b = broker_env.add_site("hospital-b")
+    b_channel = confirmed_channel(broker_env, site_b.url)
+    for _ in range(2):
+        publish(b_channel, Exchange.UPDATES.value, routing_key("hospital-b", Kind.UPDATE), b"x", user_id="hospital-b")
+    a_channel = broker_env.connect(site_a.url).channel()
+
+    # Execute
+    frame = a_channel.queue_declare(site_update_queue("hospital-b"), passive=True)
+
+    # Assert: counts only; reading the queue is refused
+    assert (frame.method.message_count, frame.method.consumer_count) == (2, 0)
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refusal:
+        a_channel.basic_get(site_update_queue("hospital-b"))
+    assert refusal.value.reply_code == ACCESS_REFUSED

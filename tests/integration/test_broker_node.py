@@ -140,7 +140,7 @@ def test_declaring_twice_is_harmless(broker_env: BrokerEnv) -> None:
     assert set(queues_after) == {queue.name for queue in topology.SHARED_QUEUES} | {
         queue.name for queue in topology.site_queues("hospital-a")
     }
-    assert broker_env.message_count(Queue.COORDINATOR_UPDATES.value) == 1
+    assert broker_env.message_count(topology.site_update_queue("hospital-a")) == 1
     bindings = broker_env.management.request(
         "GET", f"exchanges/{broker_env.vhost}/{Exchange.MODELS.value}/bindings/source"
     )

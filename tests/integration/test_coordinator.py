@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from broker.topology import Queue
+from broker.topology import Queue, site_update_queue
 from tests.integration.conftest import BrokerEnv
 from tests.integration.coordinator_process import (
     CoordinatorProcess,
@@ -106,7 +106,7 @@ max_message_mb = 0.01
         nan = {name: torch.full_like(t, float("nan")) for name, t in current.tensors.items()}
         a.publish(a.update(current, delta=nan).encode())  # non-finite
         a.publish(a.update(current, scale=100.0).encode())  # norm-too-large
-        c.publish(c.update(current).encode())  # unknown-site
+        c.publish(c.update(current).encode())  # a site this run does not list: waits in its own queue, unread
         expected = {
             ("hospital-a", "site-share"),
             ("hospital-a", "duplicate"),
@@ -117,7 +117,6 @@ max_message_mb = 0.01
             ("hospital-a", "wrong-shape"),
             ("hospital-a", "non-finite"),
             ("hospital-a", "norm-too-large"),
-            ("unknown", "unknown-site"),
         }
         wait_for(
             lambda: expected <= set(rejected(coordinator)),
@@ -154,6 +153,7 @@ max_message_mb = 0.01
         assert broker_env.message_count(Queue.DEAD_LETTERS.value) == sum(audited.values())
         assert coordinator.metrics()["fedmq_model_version"][()] == 3
         assert sum(1 for r in records if r["outcome"] == "accepted") == 7
+        assert broker_env.message_count(site_update_queue("hospital-c")) == 1
     finally:
         for site in (a, b, c):
             site.close()
@@ -196,7 +196,7 @@ max_update_norm = 1000.0
             model = site.latest_model(timeout=60)
             for _ in range(per_site):
                 update = site.update(model)
-                site.publish(update.encode())  # returns once the broker confirmed it
+                site.publish_until_taken(update.encode())  # returns once the broker confirmed it
                 confirmed[site_id].append(update.update_id)
                 time.sleep(random.uniform(0.0, 0.3))
             site.close()
@@ -224,7 +224,11 @@ max_update_norm = 1000.0
             return [r["update_id"] for r in coordinator.audit_records() if r["outcome"] == "accepted"]
 
         wait_for(lambda: len(set(accepted_ids())) >= total, 120, "not every confirmed update was applied")
-        wait_for(lambda: broker_env.message_count(Queue.COORDINATOR_UPDATES.value) == 0, 30, "queue not drained")
+
+        def drained() -> bool:
+            return all(broker_env.message_count(site_update_queue(site)) == 0 for site in sites)
+
+        wait_for(drained, 30, "queue not drained")
     finally:
         coordinator.stop()
 

@@ -22,10 +22,11 @@ import pika
 import pytest
 from cryptography import x509
 
+from broker import topology
 from broker.certs import CertificateStore
 from broker.node import LocalNode
 from broker.pika_transport import ConnectionSettings, PikaTransport
-from broker.topology import Exchange, Kind, Queue, routing_key
+from broker.topology import Exchange, Kind, routing_key
 from broker.transport import PublishRefused, TransportConnectionError
 from fedmq.cli import main
 from site_agent.config import load_site_config
@@ -76,9 +77,10 @@ class TlsBroker:
         return False
 
     def updates_waiting(self) -> int:
+        """Updates waiting in hospital-a's update queue (the only queue its key reaches)."""
         connection = pika.BlockingConnection(self.node.access.connection_parameters())
         try:
-            frame = connection.channel().queue_declare(Queue.COORDINATOR_UPDATES.value, passive=True)
+            frame = connection.channel().queue_declare(topology.site_update_queue("hospital-a"), passive=True)
             return int(frame.method.message_count)
         finally:
             connection.close()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from broker.pika_transport import SOCKET_READ_BYTES, ConnectionSettings, PikaTransport, run_reconnecting
-from broker.topology import BROADCAST_SITE, Exchange, Kind, Queue, routing_key, site_inbox
+from broker.topology import BROADCAST_SITE, Exchange, Kind, Queue, routing_key, site_inbox, site_update_queue
 from broker.transport import ConsumeRefused, Delivery, PublishRefused, TransportConnectionError
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def test_confirmed_publish_is_consumed_with_the_senders_identity_and_acked(
     site_transport.publish(
         Exchange.UPDATES.value, routing_key(SITE, Kind.UPDATE), b"delta", user_id=SITE, message_id="update-1"
     )
-    received = receive(coordinator, Queue.COORDINATOR_UPDATES.value, ack=True)
+    received = receive(coordinator, site_update_queue(SITE), ack=True)
     coordinator.close()
 
     # Assert
@@ -86,7 +86,7 @@ def test_confirmed_publish_is_consumed_with_the_senders_identity_and_acked(
         routing_key(SITE, Kind.UPDATE),
         False,
     )
-    assert broker_env.message_count(Queue.COORDINATOR_UPDATES.value) == 0
+    assert broker_env.message_count(site_update_queue(SITE)) == 0
 
 
 def test_bodies_across_frame_boundaries_arrive_byte_for_byte(
@@ -120,7 +120,7 @@ def test_bodies_across_frame_boundaries_arrive_byte_for_byte(
         received.append(delivery)
         coordinator.ack(delivery)
 
-    coordinator.consume(Queue.COORDINATOR_UPDATES.value, handler, prefetch=len(bodies))
+    coordinator.consume(site_update_queue(SITE), handler, prefetch=len(bodies))
     poll_until(coordinator, lambda: len(received) == len(bodies))
 
     # Assert: intact, in order, and read a frame at a time (the pika internal took the setting)

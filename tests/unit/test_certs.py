@@ -301,6 +301,9 @@ def test_a_tls_node_serves_amqps_only_and_keeps_the_management_api_on_loopback(t
     assert "auth_mechanisms.1 = EXTERNAL" in settings and "ssl_cert_login_from = common_name" in settings
     assert "management.tcp.ip = 127.0.0.1" in settings
     assert access.management_url.startswith("http://127.0.0.1:")
+    # ... and RabbitMQ's Prometheus endpoint (no login, every site's queues per object) on loopback too
+    assert "prometheus.tcp.ip = 127.0.0.1" in settings
+    assert access.prometheus_url.startswith("http://127.0.0.1:")
     assert access.admin_url() == "amqps://mq.example.org:5671/fedmq"
     assert access.tls is not None and subject(access.tls.cert_file) == "CN=fedmq-admin"
     assert "DNS:mq.example.org" in alt_names(node.certificates.broker_files().cert_file)

@@ -236,7 +236,7 @@ def test_a_crash_between_checkpoint_and_audit_append_is_repaired_on_restart(
     ]
     assert accepted[1]["redelivered"] is True
     assert second.coordinator.strategy.buffered_update_ids() == [update.update_id for update in updates]
-    assert not broker.queues[Queue.COORDINATOR_UPDATES.value].messages
+    assert not broker.queued_updates()
     # not the site's doing: acked and counted apart, neither a rejection nor a dead letter
     assert rejection_counts(second.registry) == {}
     assert second.registry.get_sample_value("fedmq_updates_redelivered_total", {"site": updates[1].site_id}) == 1
@@ -265,7 +265,7 @@ def test_each_update_of_a_batch_is_audited_with_the_digest_of_its_own_bytes(tmp_
     federation = start_federation(tmp_path, fedbuff(buffer_size=2), update_prefetch=8)
     for site in ("a", "b", "c"):
         arrive(federation, site)
-    bodies = [delivery.body for delivery in federation.broker.queues[Queue.COORDINATOR_UPDATES.value].messages]
+    bodies = [delivery.body for delivery in federation.broker.queued_updates()]
 
     # Execute
     poll_and_tick(federation)

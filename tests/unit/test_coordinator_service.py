@@ -18,8 +18,9 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from broker import topology
 from broker.memory import MemoryBroker, MemoryTransport
-from broker.topology import REJECT_REASON_HEADER, Exchange, Kind, Queue, routing_key, site_inbox
+from broker.topology import REJECT_REASON_HEADER, BindingSpec, Exchange, Kind, Queue, routing_key, site_inbox
 from broker.transport import Delivery
 from coordinator.aggregation import (
     FedAsync,
@@ -233,6 +234,11 @@ def _send_update(federation: Federation, site: str, update_delta: Params | None 
 
 
 def _unknown_site(federation: Federation) -> bytes:
+    # The broker routes site.zz.update to no queue the coordinator reads; a stray binding (an operator's mistake)
+    # is how such a message could reach it, and it is still refused.
+    federation.broker.bindings.append(
+        BindingSpec(topology.site_update_queue("a"), Exchange.UPDATES.value, "site.zz.update")
+    )
     body = make_update("zz", seq=1, base_version=0).encode()
     federation.publish("zz", body)
     return body
@@ -460,7 +466,7 @@ def test_rejected_updates_are_acked_so_the_queue_drains(tmp_path: Path) -> None:
     _nan(federation)
 
     # Assert
-    assert not federation.broker.queues[Queue.COORDINATOR_UPDATES.value].messages
+    assert not federation.broker.queued_updates()
     assert federation.transport.unacked == {}
 
 
@@ -644,7 +650,7 @@ def test_an_update_the_strategy_fails_on_is_an_internal_error_and_the_service_se
     [dead_letter] = federation.dead_letters()
     assert dead_letter.body == failing_body and dead_letter.headers[REJECT_REASON_HEADER] == "internal-error"
     assert federation.transport.unacked == {}
-    assert not federation.broker.queues[Queue.COORDINATOR_UPDATES.value].messages
+    assert not federation.broker.queued_updates()
     # ... the failed update left the model and the buffer as they were
     assert version_after_failure == 0 and buffer_after_failure == [first.update_id]
     # ... and the next good update makes v1 = v0 + (d_a + d_c) / 2, as if b had never arrived

@@ -36,6 +36,7 @@ FEDMQ_EXPORTED_METRICS: dict[str, frozenset[str]] = {
     "fedmq_updates_rejected_total": frozenset({"site", "reason"}),
     "fedmq_updates_redelivered_total": frozenset({"site"}),
     "fedmq_status_errors_total": frozenset({"site"}),
+    "fedmq_status_rejected_total": frozenset({"site", "kind", "reason"}),
     "fedmq_update_staleness_bucket": frozenset({"site", "le"}),
     "fedmq_update_staleness_sum": _STALENESS_LABELS,
     "fedmq_update_staleness_count": _STALENESS_LABELS,

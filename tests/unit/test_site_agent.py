@@ -191,7 +191,7 @@ class Harness:
                 self.agent.job.result(timeout=PUMP_TIMEOUT_SECONDS)
 
     def update_deliveries(self) -> list[Delivery]:
-        return list(self.broker.queues[Queue.COORDINATOR_UPDATES.value].messages)
+        return list(self.broker.queued_updates())
 
     def updates(self) -> list[ModelUpdate]:
         return [ModelUpdate.decode(delivery.body) for delivery in self.update_deliveries()]

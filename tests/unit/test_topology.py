@@ -15,7 +15,8 @@ from broker.topology import Exchange, Kind, Queue
 
 
 def allowed(pattern: str, name: str) -> bool:
-    return re.search(pattern, name) is not None
+    """``re.search`` as RabbitMQ's PCRE would: PCRE's ``\\z`` (the very end) is spelled ``\\Z`` in Python."""
+    return re.search(pattern.replace(r"\z", r"\Z"), name) is not None
 
 
 def test_site_may_write_only_to_the_update_and_status_exchanges() -> None:
@@ -40,6 +41,7 @@ def test_site_may_write_only_to_the_update_and_status_exchanges() -> None:
         ("site.hospital-a.update.extra", False),
         ("xsite.hospital-a.update", False),
         ("site.hospital-a", False),
+        ("site.hospital-a.update\n", False),
     ],
 )
 def test_site_routing_keys_are_limited_to_its_own_id(key: str, expected: bool) -> None:
@@ -57,7 +59,8 @@ def test_site_routing_keys_are_limited_to_its_own_id(key: str, expected: bool) -
         (topology.site_control_queue("hospital-a"), True),
         (topology.site_inbox("hospital-b"), False),
         (topology.site_inbox("hospital-ab"), False),
-        (Queue.COORDINATOR_UPDATES.value, False),
+        (topology.site_update_queue("hospital-a"), False),
+        (topology.site_inbox("hospital-a") + "\n", False),
         (Queue.COORDINATOR_STATUS.value, False),
         (Queue.DEAD_LETTERS.value, False),
         (Exchange.MODELS.value, False),
@@ -70,7 +73,7 @@ def test_site_may_read_only_its_own_queues(queue: str, expected: bool) -> None:
 def test_site_may_configure_nothing() -> None:
     # Prepare
     names = [exchange.value for exchange in Exchange] + [queue.value for queue in Queue]
-    names += [topology.site_inbox("hospital-a"), "fedmq.site.hospital-a.sneaky", "amq.gen-abc"]
+    names += [topology.site_inbox("hospital-a"), "fedmq.site.hospital-a.sneaky", "amq.gen-abc", "\n"]
 
     # Execute
     configure = topology.site_permissions("hospital-a").configure
@@ -128,3 +131,31 @@ def test_routing_keys_have_the_documented_form() -> None:
 def test_unusable_site_ids_are_rejected_with_the_reason(site_id: str) -> None:
     with pytest.raises(topology.TopologyError, match="invalid site id"):
         topology.site_permissions(site_id)
+
+
+def test_each_site_has_a_bounded_update_queue_bound_by_its_own_key_only() -> None:
+    # Execute
+    (queue,) = [spec for spec in topology.site_queues("hospital-a") if spec.name == "fedmq.updates.hospital-a"]
+    keys = {
+        (binding.exchange, binding.routing_key)
+        for binding in topology.site_bindings("hospital-a")
+        if binding.queue == queue.name
+    }
+
+    # Assert: what does not fit is refused to its publisher (a nack), never dropped in silence
+    assert keys == {(Exchange.UPDATES.value, "site.hospital-a.update")}
+    assert queue.arguments["x-max-length"] == topology.SITE_UPDATE_QUEUE_LENGTH
+    assert queue.arguments["x-max-length-bytes"] == topology.SITE_UPDATE_QUEUE_BYTES
+    assert queue.arguments["x-overflow"] == "reject-publish"
+    assert queue.arguments["x-queue-type"] == "quorum"
+
+
+def test_no_shared_queue_takes_every_sites_updates() -> None:
+    assert not [binding for binding in topology.SHARED_BINDINGS if binding.exchange == Exchange.UPDATES.value]
+
+
+def test_the_dead_letter_queue_is_bounded_and_keeps_the_newest() -> None:
+    (queue,) = [spec for spec in topology.SHARED_QUEUES if spec.name == Queue.DEAD_LETTERS.value]
+    assert queue.arguments["x-max-length"] == topology.DEAD_LETTER_MAX_LENGTH
+    assert queue.arguments["x-max-length-bytes"] == topology.DEAD_LETTER_MAX_BYTES
+    assert queue.arguments["x-overflow"] == "drop-head"
