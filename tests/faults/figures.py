@@ -44,6 +44,8 @@ class CampaignFigures:
     checkpoint_accepted: int | None = None  # the run's own count (checkpoint ``accepted_total``)
     dead_lettered: int = 0  # messages in the dead-letter queue at the end
     dead_letter_reasons: dict[str, int] = field(default_factory=dict)  # reject reason or x-first-death-reason
+    publish_failures: int = 0  # publishes the sites had to resend (the fault reached them)
+    longest_publish_seconds: float = 0.0  # longest wait of a site for one confirm, resends included
     coordinator_kills: int = 0  # SIGKILLs the harness sent
     coordinator_exits: int = 0  # deaths it did not cause (a failed write makes the coordinator exit 1)
     chain_ok: bool = True  # ``fedmq audit verify`` on audit.jsonl
@@ -64,6 +66,7 @@ class CampaignFigures:
             f"dead-lettered {self.dead_lettered} {self.dead_letter_reasons or ''} / "
             f"checkpoint {self.checkpoint_accepted} / "
             f"kills {self.coordinator_kills} / exits {self.coordinator_exits} / "
+            f"site resends {self.publish_failures}, longest confirm wait {self.longest_publish_seconds:.1f} s / "
             f"chain {'ok' if self.chain_ok else 'BROKEN'} / {self.duration_seconds:.1f} s"
         )
 
@@ -76,6 +79,8 @@ def compute_figures(
     audit_records: Iterable[Mapping[str, Any]],
     checkpoint_accepted: int | None = None,
     dead_lettered: Mapping[str, int] | None = None,
+    publish_failures: int = 0,
+    longest_publish_seconds: float = 0.0,
     coordinator_kills: int = 0,
     coordinator_exits: int = 0,
     chain_ok: bool = True,
@@ -116,6 +121,8 @@ def compute_figures(
         checkpoint_accepted=checkpoint_accepted,
         dead_lettered=sum((dead_lettered or {}).values()),
         dead_letter_reasons=dict(dead_lettered or {}),
+        publish_failures=publish_failures,
+        longest_publish_seconds=longest_publish_seconds,
         coordinator_kills=coordinator_kills,
         coordinator_exits=coordinator_exits,
         chain_ok=chain_ok,

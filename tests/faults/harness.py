@@ -204,6 +204,7 @@ class SiteRecord:
     attempted: list[str] = field(default_factory=list)
     confirmed: list[str] = field(default_factory=list)
     publish_failures: int = 0
+    longest_publish_seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
 
 
@@ -264,10 +265,13 @@ class PublishingSite(threading.Thread):
 
     def _publish_until_confirmed(self, update: ModelUpdate) -> bool:
         body = update.encode()
-        deadline = time.monotonic() + self.resend_deadline
+        started = time.monotonic()
+        deadline = started + self.resend_deadline
         while time.monotonic() < deadline:
             try:
                 self._connected().publish(body)  # returns once the broker confirmed it
+                waited = time.monotonic() - started
+                self.record.longest_publish_seconds = max(self.record.longest_publish_seconds, waited)
                 return True
             except (pika.exceptions.AMQPError, OSError) as exc:
                 self.record.publish_failures += 1
@@ -485,6 +489,8 @@ class Campaign:
             audit_records=self.audit_records(),
             checkpoint_accepted=self.checkpoint_accepted(),
             dead_lettered=self.dead_letter_reasons(),
+            publish_failures=sum(site.record.publish_failures for site in self.sites),
+            longest_publish_seconds=max(site.record.longest_publish_seconds for site in self.sites),
             coordinator_kills=self.supervisor.kills,
             coordinator_exits=len(self.supervisor.exits),
             chain_ok=verify_chain(audit_path).ok if audit_path.exists() else False,

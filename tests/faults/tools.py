@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ coordinator kills
 def kill_at_random_moments(
-    supervisor: Supervisor, kills: int, rng: random.Random, *, min_life: float = 0.2, max_life: float = 2.5
+    supervisor: Supervisor, kills: int, rng: random.Random, *, min_life: float = 0.1, max_life: float = 1.5
 ) -> None:
     """``kills`` SIGKILLs, each a random time after the restarted coordinator started serving."""
     for _ in range(kills):
