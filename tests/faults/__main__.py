@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(names)}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.CRITICAL)  # the faults make pika log every reset it sees
     settings = CampaignSettings.full() if arguments.full else CampaignSettings.short()
     selected = arguments.cases or names
     rows: list[CampaignFigures] = []
