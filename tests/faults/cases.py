@@ -24,7 +24,7 @@ from tests.faults.tools import (
     SmallMount,
     TcpProxy,
     crash_loop,
-    hold_for,
+    hold_through_a_restart,
     kill_at_random_moments,
     kill_broker,
     memory_alarm,
@@ -42,6 +42,8 @@ SUITE_PACE = Pace(sites=3, updates=100_000, interval=0.1)
 class CampaignSettings:
     """Every duration and count of the campaign in one place."""
 
+    name: str = "short"
+    test_timeout_seconds: float = 300.0  # per case, for pytest-timeout
     random_kills: int = 10
     crash_loop_kills: int = 8
     restart_delay: float = 0.5  # the systemd unit waits 10 s (RestartSec)
@@ -60,6 +62,8 @@ class CampaignSettings:
     def full(cls) -> CampaignSettings:
         """The issue's figures: 30 s cuts, a 20 s alarm, 40 s storage faults, systemd's 10 s restart delay."""
         return cls(
+            name="full",
+            test_timeout_seconds=1800.0,
             random_kills=30,
             crash_loop_kills=8,
             restart_delay=10.0,
@@ -180,7 +184,12 @@ def _storage_case(
         )
 
         def fault() -> None:
-            hold_for(settings.storage_fault_seconds, mount.read_only() if read_only else mount.full())
+            hold_through_a_restart(
+                campaign.supervisor,
+                settings.storage_fault_seconds,
+                mount.read_only() if read_only else mount.full(),
+                longest=3 * settings.storage_fault_seconds,
+            )
 
         return _run(campaign, fault)
     finally:

@@ -33,9 +33,9 @@ from tests.faults.figures import CampaignFigures
 from tests.faults.tools import MountUnavailable
 from tests.integration.conftest import BrokerEnv
 
-pytestmark = [pytest.mark.integration, pytest.mark.faults]
-
 SETTINGS = CampaignSettings.from_name(os.environ.get(CAMPAIGN_ENV))
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(SETTINGS.test_timeout_seconds)]
 
 
 def issue_12(mechanism: str) -> pytest.MarkDecorator:
@@ -109,20 +109,20 @@ STORAGE_FAULTS = [
         checkpoint_read_only,
         id="checkpoint-filesystem-read-only",
         marks=issue_12(
-            "the EROFS from the checkpoint write is taken for a connection error; the transport "
-            "reconnects, the in-memory duplicate filter acks the redeliveries as already-applied with no checkpoint "
-            "written, and the next start loads the older checkpoint (acked but lost); redeliveries returned behind "
-            "newer updates are rejected as duplicate by the seq rule",
+            "the EROFS from a checkpoint write in the consumer is taken for a connection error; the "
+            "transport reconnects in the same process and the in-memory duplicate filter acks the redeliveries as "
+            "already-applied: their accepted records never reach audit.jsonl, and a restart before the next good "
+            "checkpoint loads the older one (acked but gone); redeliveries behind newer updates can be rejected "
+            "as duplicate by the seq rule",
         ),
     ),
     pytest.param(
         state_dir_full,
         id="state-dir-full",
         marks=issue_12(
-            "an ENOSPC append leaves a torn record in the middle of audit.jsonl (chain broken) and "
-            "no accepted record for updates the checkpoint counts; the OSError is taken for a connection error and "
-            "the redeliveries are acked as already-applied (in one run 12 copies were dead-lettered by "
-            "x-delivery-limit)",
+            "an ENOSPC append leaves a torn record in the middle of audit.jsonl (chain broken) and no "
+            "accepted record for updates the checkpoint counts; the OSError is taken for a connection error and "
+            "the redeliveries are acked as already-applied or dead-lettered by x-delivery-limit",
         ),
     ),
 ]
