@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pika
-import pika.exceptions
 import torch
 
 from broker.topology import REJECT_REASON_HEADER, Queue
@@ -205,7 +204,9 @@ class SiteRecord:
     confirmed: list[str] = field(default_factory=list)
     publish_failures: int = 0
     longest_publish_seconds: float = 0.0
-    errors: list[str] = field(default_factory=list)
+    failure_types: Counter[str] = field(default_factory=Counter)  # what the client raised, for the log
+    unconfirmed: list[int] = field(default_factory=list)  # seqs given up on after the resend deadline
+    errors: list[str] = field(default_factory=list)  # the site thread itself failed: a harness bug
 
 
 def valid_update(site_id: str, seq: int, model: GlobalModel, scale: float = 0.01) -> ModelUpdate:
@@ -273,8 +274,9 @@ class PublishingSite(threading.Thread):
                 waited = time.monotonic() - started
                 self.record.longest_publish_seconds = max(self.record.longest_publish_seconds, waited)
                 return True
-            except (pika.exceptions.AMQPError, OSError) as exc:
+            except Exception as exc:  # whatever pika raises when the link goes mid-publish: reconnect, resend
                 self.record.publish_failures += 1
+                self.record.failure_types[type(exc).__name__] += 1
                 log.info("%s: publish of seq %d failed (%r); resending", self.site_id, update.seq, exc)
                 self._close()
                 time.sleep(0.5)
@@ -287,22 +289,26 @@ class PublishingSite(threading.Thread):
                     return
                 try:
                     self._refresh_model(timeout=5)
-                except (pika.exceptions.AMQPError, OSError):
+                except Exception as exc:
+                    self.record.failure_types[type(exc).__name__] += 1
                     self._close()
                     time.sleep(0.5)
             for index in range(self.updates):
                 if self.stop_event.is_set():
                     break
                 if index % 10 == 9:
-                    with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+                    try:
                         self._refresh_model(timeout=0.5)
+                    except Exception as exc:  # keep the model it has; the publish below reconnects
+                        self.record.failure_types[type(exc).__name__] += 1
+                        self._close()
                 self._seq += 1
                 update = valid_update(self.site_id, self._seq, self._model)
                 self.record.attempted.append(update.update_id)
                 if self._publish_until_confirmed(update):
                     self.record.confirmed.append(update.update_id)
                 else:
-                    self.record.errors.append(f"seq {update.seq} never confirmed")
+                    self.record.unconfirmed.append(update.seq)
                 self.stop_event.wait(self._rng.uniform(0.5, 1.5) * self.interval)
         except BaseException as exc:  # reported in the figures' caller, never lost in a thread
             self.record.errors.append(repr(exc))
@@ -478,6 +484,11 @@ class Campaign:
         """Let the sites finish, drain, stop the coordinator and compute the figures."""
         try:
             self.wait_sites()
+            for site in self.sites:
+                if site.record.failure_types:
+                    log.warning("%s: publish failures %s", site.site_id, dict(site.record.failure_types))
+            if self.site_errors():
+                raise RuntimeError(f"scripted sites failed: {self.site_errors()}")
             self.drain(timeout=drain_timeout)
         finally:
             self.supervisor.stop()
