@@ -90,8 +90,10 @@ max_staleness = {MAX_STALENESS}
     return path
 
 
-# Log lines (coordinator/service.py) that say one update was handled.
-HANDLED_MARKERS = (b"coordinator.service: update ", b"coordinator.service: rejected update")
+# What the coordinator logs for each update it handled (accepted, buffered, rejected; "update <id> from <site>
+# redelivered after a restart"), matched without the logger's name, which the split of coordinator/service.py
+# (issue 11) changes.
+HANDLED_MARKERS = (b"update from ", b"redelivered after a restart")
 
 
 class Supervisor:
