@@ -150,21 +150,25 @@ def broker_node(
         node.stop()
 
 
-@pytest.fixture
-def broker_env(broker_node: LocalNode, tmp_path: Path) -> Iterator[BrokerEnv]:
-    access = broker_node.access
+@contextlib.contextmanager
+def open_broker_env(node: LocalNode, state_dir: Path) -> Iterator[BrokerEnv]:
+    """A fresh vhost on ``node`` with the topology and the coordinator user, deleted on exit.
+
+    The ``broker_env`` fixture on the session's node; a test (or the fault campaign's benchmark) that needs a
+    node of its own, e.g. to kill it, calls it on that node.
+    """
+    access = node.access
     management = access.management()
     vhost = f"fedmq-test-{uuid.uuid4().hex[:10]}"
     management.create_vhost(vhost)
     management.set_permissions(vhost, access.admin_user, configure=".*", write=".*", read=".*")
-    state_dir = tmp_path / "state"
     coordinator_file = ensure_coordinator_user(
         management, vhost=vhost, amqp_host=access.amqp_host, amqp_port=access.amqp_port, state_dir=state_dir
     )
     coordinator_url = read_broker_url(coordinator_file)
     declare_topology_at(coordinator_url)  # as the coordinator service will: it owns the topology
     env = BrokerEnv(
-        node=broker_node,
+        node=node,
         access=access,
         management=management,
         vhost=vhost,
@@ -176,3 +180,9 @@ def broker_env(broker_node: LocalNode, tmp_path: Path) -> Iterator[BrokerEnv]:
         yield env
     finally:
         env.cleanup()
+
+
+@pytest.fixture
+def broker_env(broker_node: LocalNode, tmp_path: Path) -> Iterator[BrokerEnv]:
+    with open_broker_env(broker_node, tmp_path / "state") as env:
+        yield env
