@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pika
+import tomli_w
 import torch
 
-from broker.topology import REJECT_REASON_HEADER, Queue
+from broker.topology import REJECT_REASON_HEADER, Queue, site_update_queues
 from coordinator.audit import verify_chain
 from coordinator.checkpoint import CheckpointStore
 from schemas import GlobalModel, ModelUpdate, TrainingMetrics
@@ -54,7 +55,7 @@ class CoordinatorOptions:
     """The few coordinator settings a case may change from the defaults (None: the coordinator's default)."""
 
     update_prefetch: int | None = None  # top-level ``update_prefetch``
-    buffer_size: int | None = None  # FedBuff's K, ``[strategy.params] buffer_size``
+    buffer_size: int | None = None  # FedBuff's K, ``[strategy] buffer_size``
 
 
 def write_coordinator_config(
@@ -66,27 +67,21 @@ def write_coordinator_config(
     metrics_port: int,
     options: CoordinatorOptions = CoordinatorOptions(),
 ) -> Path:
-    """The one place the campaign writes coordinator.toml; kept to the fewest keys because the format is changing.
+    """The one place the campaign writes coordinator.toml.
 
     Always: ``task``, ``sites``, ``state_dir``, ``[broker] url``, ``[metrics] port``, ``[strategy] name`` and
-    ``[strategy] max_staleness``. Only when a case asks (``CoordinatorOptions``): ``update_prefetch`` and
-    ``[strategy.params] buffer_size``. Every other setting is the coordinator's default.
+    ``[strategy] max_staleness`` (high: a site cut off for 30 s resends old updates). Only when a case asks
+    (``CoordinatorOptions``): ``update_prefetch`` and ``[strategy] buffer_size``. Every other setting is the
+    coordinator's default.
     """
-    prefetch = "" if options.update_prefetch is None else f"update_prefetch = {options.update_prefetch}\n"
-    params = "" if options.buffer_size is None else f"[strategy.params]\nbuffer_size = {options.buffer_size}\n"
-    path.write_text(
-        f"""task = "heart-disease"
-sites = {json.dumps(sites)}
-state_dir = {json.dumps(str(state_dir))}
-{prefetch}[broker]
-url = {json.dumps(url)}
-[metrics]
-port = {metrics_port}
-[strategy]
-name = {json.dumps(STRATEGY)}
-max_staleness = {MAX_STALENESS}
-{params}"""
-    )
+    strategy: dict[str, Any] = {"name": STRATEGY, "max_staleness": MAX_STALENESS}
+    if options.buffer_size is not None:
+        strategy["buffer_size"] = options.buffer_size
+    tables: dict[str, Any] = {"task": "heart-disease", "sites": sites, "state_dir": str(state_dir)}
+    if options.update_prefetch is not None:
+        tables["update_prefetch"] = options.update_prefetch
+    tables |= {"broker": {"url": url}, "metrics": {"port": metrics_port}, "strategy": strategy}
+    path.write_text(tomli_w.dumps(tables))
     return path
 
 
@@ -205,6 +200,7 @@ class SiteRecord:
     attempted: list[str] = field(default_factory=list)
     confirmed: list[str] = field(default_factory=list)
     publish_failures: int = 0
+    nacks: int = 0  # publishes the broker refused because the site's update queue was full (tried again)
     longest_publish_seconds: float = 0.0
     failure_types: Counter[str] = field(default_factory=Counter)  # what the client raised, for the log
     unconfirmed: list[int] = field(default_factory=list)  # seqs given up on after the resend deadline
@@ -276,6 +272,9 @@ class PublishingSite(threading.Thread):
                 waited = time.monotonic() - started
                 self.record.longest_publish_seconds = max(self.record.longest_publish_seconds, waited)
                 return True
+            except pika.exceptions.NackError:  # the site's update queue is full (flood control): try later
+                self.record.nacks += 1
+                time.sleep(0.1)
             except Exception as exc:  # whatever pika raises when the link goes mid-publish: reconnect, resend
                 self.record.publish_failures += 1
                 self.record.failure_types[type(exc).__name__] += 1
@@ -450,7 +449,7 @@ class Campaign:
             if self._resolved():
                 return
             count = len(self.audit_records())
-            ready = self.env.message_count(Queue.COORDINATOR_UPDATES.value)
+            ready = sum(self.env.message_count(queue) for queue in site_update_queues(self.site_ids))
             if count != last_count or ready or not self.supervisor.running():
                 last_count, quiet_since = count, time.monotonic()
             elif time.monotonic() - quiet_since >= quiet_seconds:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.topology import SHARED_BINDINGS, Exchange, site_permissions
+from broker.topology import Exchange, site_bindings, site_permissions
 from tests.integration.conftest import BrokerEnv
 from tests.integration.coordinator_process import free_port, write_coordinator_config
 from tests.integration.federation_helpers import (
@@ -28,7 +28,7 @@ from tests.integration.federation_helpers import (
 )
 
 SITE = "cleveland"
-UPDATES_BINDING = next(binding for binding in SHARED_BINDINGS if binding.exchange == Exchange.UPDATES.value)
+UPDATES_BINDING = next(binding for binding in site_bindings(SITE) if binding.exchange == Exchange.UPDATES.value)
 
 
 @pytest.fixture
