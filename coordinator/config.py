@@ -30,6 +30,9 @@ Only ``load_config`` touches a file; everything else receives a ``CoordinatorCon
     max_update_norm = 1000.0
     max_message_mb = 256
 
+    [storage]
+    reserve_mb = 64                  # free space a commit must leave in the state dir, else it waits (unacked)
+
     [liveness]
     site_timeout_seconds = 30
 
@@ -225,6 +228,17 @@ class ValidationSettings(ConfigTable):
     remembered_update_ids: int = Field(2_000, ge=1, description="Update ids remembered to refuse a duplicate.")
 
 
+class StorageSettings(ConfigTable):
+    """``[storage]``: the state dir's disk space."""
+
+    reserve_mb: float = Field(
+        64.0,
+        ge=0,
+        description="Free space a commit must leave in the state dir; a commit that would leave less is not started "
+        "(its updates stay unacked in the broker) until there is room.",
+    )
+
+
 class LivenessSettings(ConfigTable):
     """``[liveness]``"""
 
@@ -286,6 +300,7 @@ class CoordinatorConfig(ConfigTable):
         TrainingConfig(), description="[training]: how every site trains, sent inside the global model."
     )
     validation: ValidationSettings = Field(ValidationSettings(), description="[validation]")
+    storage: StorageSettings = Field(StorageSettings(), description="[storage]")
     liveness: LivenessSettings = Field(LivenessSettings(), description="[liveness]")
     stopping: StoppingSettings = Field(StoppingSettings(), description="[stopping]")
     metrics: MetricsSettings = Field(MetricsSettings(), description="[metrics]")

@@ -11,6 +11,11 @@
 | fedmq_max_staleness | gauge | | the configured staleness bound |
 | fedmq_aggregation_seconds | histogram | | time to validate and apply one update |
 | fedmq_checkpoint_seconds | histogram | | time to write one durable checkpoint |
+| fedmq_checkpoint_bytes | gauge | | size on disk of the last checkpoint (manifest + tensor files) |
+| fedmq_commit_bytes | gauge | | disk space the last commit needed (new checkpoint files + audit records) |
+| fedmq_commits_deferred_total | counter | | commits not started for lack of disk space (their updates stay unacked) |
+| fedmq_state_dir_free_bytes | gauge | | free space of the state dir's filesystem, read at scrape time |
+| fedmq_state_dir_reserve_bytes | gauge | | the free space a commit must leave (``[storage] reserve_mb``) |
 | fedmq_buffer_fill | gauge | | updates held (FedBuff buffer or sync round) |
 | fedmq_buffer_capacity | gauge | | updates needed for the next version (K) |
 | fedmq_update_size_bytes | histogram | site | size of update messages |
@@ -87,6 +92,23 @@ class CoordinatorMetrics:
             buckets=SECONDS_BUCKETS,
             registry=registry,
         )
+        self.checkpoint_bytes = Gauge(
+            "fedmq_checkpoint_bytes", "Size on disk of the last checkpoint", registry=registry
+        )
+        self.commit_bytes = Gauge(
+            "fedmq_commit_bytes", "Disk space the last commit needed (checkpoint files + audit)", registry=registry
+        )
+        self.commits_deferred = Counter(
+            "fedmq_commits_deferred",
+            "Commits not started for lack of disk space in the state dir (their updates stay unacked)",
+            registry=registry,
+        )
+        self.state_dir_free_bytes = Gauge(
+            "fedmq_state_dir_free_bytes", "Free space of the state dir's filesystem", registry=registry
+        )
+        self.state_dir_reserve_bytes = Gauge(
+            "fedmq_state_dir_reserve_bytes", "Free space a commit must leave in the state dir", registry=registry
+        )
         self.buffer_fill = Gauge("fedmq_buffer_fill", "Updates held for the next version", registry=registry)
         self.buffer_capacity = Gauge("fedmq_buffer_capacity", "Updates needed for the next version", registry=registry)
         self.update_size = Histogram(
@@ -134,6 +156,11 @@ class CoordinatorMetrics:
         self.model_version.set(version)
         self.last_version_timestamp.set(at)
         self._last_version_time = at
+
+    def watch_state_dir(self, free_bytes: Callable[[], float], reserve_bytes: int) -> None:
+        """Read the state dir's free space at each scrape."""
+        self.state_dir_free_bytes.set_function(free_bytes)
+        self.state_dir_reserve_bytes.set(reserve_bytes)
 
     def serve(self, host: str, port: int) -> None:
         """Expose /metrics over HTTP on a daemon thread."""

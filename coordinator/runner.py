@@ -25,6 +25,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import EvaluationBook
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import Coordinator
+from coordinator.storage import make_directory, storage_writes
 from schemas import ModelFingerprint
 from tasks.base import architecture_digest
 from tasks.registry import task_from_options
@@ -47,7 +48,8 @@ def state_paths(config: CoordinatorConfig) -> dict[str, Path]:
 
 def build_coordinator(config: CoordinatorConfig, registry: CollectorRegistry) -> Coordinator:
     """Version 0 comes from the task (seeded), then any checkpoint in the state dir takes over."""
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    with storage_writes(str(config.state_dir)):
+        make_directory(config.state_dir)
     paths = state_paths(config)
     task = task_from_options({**config.task_options, "name": config.task})
     torch.manual_seed(config.seed)

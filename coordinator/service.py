@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from broker.topology import BROADCAST_SITE, Exchange, Kind, Queue, routing_key
@@ -36,6 +37,7 @@ from coordinator.results import run_summary, write_results
 from coordinator.run_state import RunState
 from coordinator.status import StatusHandler
 from coordinator.stopping import final_evaluations_done, stop_reason
+from coordinator.storage import DiskSpace, free_bytes
 from coordinator.updates import Outcome, UpdateHandler, UpdateRules
 from coordinator.validation import DuplicateFilter
 from fedmq import __version__
@@ -60,6 +62,7 @@ class Coordinator:
         checkpoints: CheckpointStore,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        free_space: Callable[[Path], int] = free_bytes,
     ) -> None:
         self.config = config
         self.strategy = strategy
@@ -89,6 +92,10 @@ class Coordinator:
             limits=limits,
             clock=clock,
         )
+        self.space = DiskSpace(
+            config.state_dir, reserve_bytes=int(config.storage.reserve_mb * 1024 * 1024), free=free_space
+        )
+        metrics.watch_state_dir(self.space.free_now, self.space.reserve_bytes)
         self.batch = GroupCommit(
             state=self.state,
             strategy=strategy,
@@ -99,6 +106,7 @@ class Coordinator:
             transport=self._transport,
             publish_model=self.publish_model,
             batch_size=config.update_prefetch,
+            space=self.space,
             monotonic=monotonic,
         )
         self.updates = UpdateHandler(

@@ -6,9 +6,11 @@ person would look: Prometheus samples, the audit log, the dead-letter queue, the
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ from coordinator.aggregation import (
 from coordinator.audit import AuditLog, read_records, verify_chain
 from coordinator.checkpoint import CheckpointStore
 from coordinator.config import CoordinatorConfig, StoppingSettings, ValidationSettings
+from coordinator.errors import StorageError
 from coordinator.evaluation import EvaluationBook
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import Coordinator
@@ -164,6 +167,7 @@ def start_federation(
     validation: ValidationSettings | None = None,
     params: Params | None = None,
     clock: FakeClock | None = None,
+    free_space: Callable[[Path], int] | None = None,
     **config_overrides: Any,
 ) -> Federation:
     """A fresh run of a two-parameter model (w = [1, 2], b = [0.5]) with sites a, b and c declared."""
@@ -188,6 +192,7 @@ def start_federation(
         checkpoints=CheckpointStore(tmp_path / "checkpoint"),
         clock=clock,
         monotonic=clock,
+        **({"free_space": free_space} if free_space is not None else {}),
     )
     broker = MemoryBroker()
     broker.declare(SITES)
@@ -658,16 +663,20 @@ def test_a_storage_error_is_not_taken_for_a_bad_update(tmp_path: Path, monkeypat
     # Prepare: the disk fails when the checkpoint is written
     federation = start_federation(tmp_path, fedbuff())
 
-    def disk_full(state: Any) -> None:
-        raise OSError(28, "No space left on device")
+    def disk_full(descriptor: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(federation.coordinator.checkpoints, "save", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
 
-    # Execute / Assert: the error reaches the caller (the process stops), and nothing is acked or rejected
-    with pytest.raises(OSError, match="No space left"):
+    # Execute / Assert: a storage error (not an OSError a transport would take for a lost connection) reaches the
+    # caller, so the process stops; nothing is acked, rejected or audited
+    with pytest.raises(StorageError, match="No space left") as raised:
         federation.send_good("a")
+    assert not isinstance(raised.value, OSError)
     assert len(federation.transport.unacked) == 1
     assert federation.rejections() == {}
+    monkeypatch.undo()
+    assert federation.audit() == []
 
 
 def test_updates_arriving_while_the_run_is_finishing_stay_in_the_queue(tmp_path: Path) -> None:
