@@ -2,9 +2,10 @@
 
 For the batch of updates handled since the last commit: durable checkpoint -> audit -> dead letters -> ack ->
 publish. A crash between any two steps loses no acknowledged update and counts none twice: an update is acked only
-after the checkpoint that holds it, and a redelivered update that the checkpoint already holds is dropped as a
-duplicate. The audit records are sealed into the checkpoint before they are appended, so a crash between the two is
-repaired on restart (:meth:`GroupCommit.restore`).
+after the checkpoint that holds it, and a copy of an update the checkpoint already holds (redelivered by the broker,
+or resent by its site) is acked as ``already-applied``, not applied again (``validation.DuplicateFilter``). The
+audit records are sealed into the checkpoint before they are appended, so a crash between the two is repaired on
+restart (:meth:`GroupCommit.restore`).
 
 Committing a batch at a time costs one checkpoint and one audit fsync per batch instead of per update. A batch
 holding a new version is committed at the end of the poll that made it (the sites are waiting for the model);

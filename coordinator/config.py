@@ -223,9 +223,14 @@ class ValidationSettings(ConfigTable):
 
     max_update_norm: float = Field(1e4, gt=0, description="Largest L2 norm of an update's delta.")
     max_message_mb: float = Field(256.0, gt=0, description="Largest update message, in MiB (checked before decoding).")
-    # Redelivered updates are caught by their id; resent ones also by their site's seq, so a short memory suffices
-    # and keeps the per-update checkpoint small.
-    remembered_update_ids: int = Field(2_000, ge=1, description="Update ids remembered to refuse a duplicate.")
+    # A copy of an applied update is known by its id and seq; per site, seqs above the settled floor are kept only
+    # while an older one is missing (coordinator.validation.DuplicateFilter), so the checkpoint stays small.
+    remembered_update_ids: int = Field(
+        2_000,
+        ge=1,
+        description="Ids of the last applied updates remembered to recognise a copy, and per site the settled seqs "
+        "kept above a missing one before it is given up on.",
+    )
 
 
 class StorageSettings(ConfigTable):

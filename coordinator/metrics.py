@@ -6,7 +6,7 @@
 | fedmq_updates_received_total | counter | site | updates taken off the queue |
 | fedmq_updates_applied_total | counter | site | updates accepted (applied or buffered) |
 | fedmq_updates_rejected_total | counter | site, reason | updates refused, by reason (see below) |
-| fedmq_updates_redelivered_total | counter | site | redelivered after a restart, already held: acked only |
+| fedmq_updates_redelivered_total | counter | site | a copy of an applied update (redelivered or resent): acked only |
 | fedmq_update_staleness | histogram | site | staleness (versions) of accepted updates |
 | fedmq_max_staleness | gauge | | the configured staleness bound |
 | fedmq_aggregation_seconds | histogram | | time to validate and apply one update |
@@ -68,7 +68,7 @@ class CoordinatorMetrics:
         )
         self.updates_redelivered = Counter(
             "fedmq_updates_redelivered",
-            "Updates the broker redelivered after a restart that the checkpoint already held (acked, not reapplied)",
+            "Copies of applied updates (redelivered by the broker or resent by a site): acked, not applied again",
             ["site"],
             registry=registry,
         )

@@ -95,7 +95,8 @@ max_message_mb = 0.01
             b.publish(b.update(model).encode())
         wait_for(lambda: a.latest_model().version == 3, 30, "model v3 never arrived")
         current = a.latest_model()
-        a.publish(first.encode())  # duplicate (same update_id)
+        a.publish(first.encode())  # the same update again (a resend): acked as a copy, not refused
+        a.publish(a.update(model_v0, seq=first.seq).encode())  # duplicate: a new update reusing an applied seq
         a.publish(a.update(model_v0).encode())  # stale: 3 > max_staleness 2
         a.publish(b"\x93not an update")  # malformed
         a.publish(bytes(20_000))  # oversized (limit 0.01 MB)
@@ -141,6 +142,8 @@ max_message_mb = 0.01
         # Assert: counts, audit reasons, dead letters with the reason header, model untouched by rejections.
         counts = rejected(coordinator)
         assert counts[("hospital-a", "identity-mismatch")] == 2
+        copies = samples_with(coordinator.metrics(), "fedmq_updates_redelivered_total")
+        assert [(labels["site"], value) for labels, value in copies] == [("hospital-a", 1.0)]
         assert all(counts[key] >= 1 for key in expected)
         records = coordinator.audit_records()
         audited = Counter(r["reason"] for r in records if r["outcome"] == "rejected")

@@ -10,7 +10,7 @@ import errno
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +141,15 @@ def test_a_restarted_coordinator_resumes_version_params_buffer_and_duplicate_mem
     for name, tensor in params_before.items():
         assert torch.equal(second.coordinator.state.params[name], tensor)
     assert GlobalModel.decode(broker.queues[site_inbox("a")].messages[-1].body).version == 1
-    # ... and an applied update and a buffered one, sent again, are both duplicates
+    # ... and an applied update and a buffered one, sent again, are both copies of applied updates (acked, not
+    # applied again), while a new update reusing an applied seq is a duplicate
     publish_update(broker, updates[0])
     publish_update(broker, updates[3])
+    publish_update(broker, replace(updates[3], update_id=ModelUpdate.new_id()))
     second.transport.poll(0)
     second.coordinator.commit()
-    assert rejection_counts(second.registry) == {("a", "duplicate"): 2.0}
+    assert rejection_counts(second.registry) == {("a", "duplicate"): 1.0}
+    assert second.registry.get_sample_value("fedmq_updates_redelivered_total", {"site": "a"}) == 2
     assert second.coordinator.state.version == 1
     assert second.coordinator.strategy.buffered_update_ids() == [updates[3].update_id]
 
@@ -330,6 +333,50 @@ def test_a_commit_whose_write_fails_acks_nothing_and_the_restart_applies_the_bat
         assert torch.equal(second.coordinator.state.params[name], tensor)
     assert not broker.queues[Queue.COORDINATOR_UPDATES.value].messages and not second.transport.unacked
     assert verify_chain(tmp_path / "run" / "audit.jsonl").ok
+
+
+def test_redeliveries_in_any_order_across_crashes_apply_every_update_exactly_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: seqs 1-3 of one site are handled, but their commit fails: none is durable
+    updates = one_site_updates(5)
+    broker = new_broker()
+    config = heart_config(tmp_path)
+    first = start_run(config, broker)
+    for update in updates[:3]:
+        publish_update(broker, update)
+    fail_fsync_of(monkeypatch, "checkpoint")
+    first.transport.poll(0)
+    with pytest.raises(StorageError):
+        first.coordinator.commit()
+    first.crash()
+    monkeypatch.undo()
+    for update in updates[3:]:
+        publish_update(broker, update)
+    queue = broker.queues[Queue.COORDINATOR_UPDATES.value].messages
+    queue.rotate(-1)  # the broker returns the site's newer updates (seq 2-5) before the redelivered seq 1
+
+    # Execute: a restart handles them in that order; then a crash loses every ack of the next run, and the broker
+    # returns all five, newest first, to a third run
+    second = start_run(config, broker)
+    monkeypatch.setattr(second.transport, "ack", lambda delivery: None)
+    second.transport.poll(0)
+    second.coordinator.commit()
+    version_after_second = second.coordinator.state.version
+    second.crash()
+    queue.reverse()
+    third = start_run(config, broker)
+    third.transport.poll(0)
+    third.coordinator.commit()
+
+    # Assert: each update accepted once (seq 1 too, though the site's seq 5 came first), each copy acked as applied
+    outcomes = outcomes_by_update(tmp_path)
+    assert outcomes == {update.update_id: ["accepted", "already-applied"] for update in updates}
+    assert rejection_counts(second.registry) == rejection_counts(third.registry) == {}
+    assert third.registry.get_sample_value("fedmq_updates_redelivered_total", {"site": "a"}) == 5
+    assert third.coordinator.state.version == version_after_second == 1
+    assert third.coordinator.state.accepted_total == 5
+    assert not queue and not broker.queues[Queue.DEAD_LETTERS.value].messages
 
 
 # ----------------------------------------------------------------------------------------------- group commit

@@ -332,10 +332,6 @@ def _one_update_from_a(federation: Federation) -> None:
     federation.send_good("a")
 
 
-def _same_update_again(federation: Federation) -> bytes:
-    return federation.send(federation.sent[-1])
-
-
 def _same_id_higher_seq(federation: Federation) -> bytes:
     return _send_update(federation, "a", update_id=federation.sent[-1].update_id)
 
@@ -390,7 +386,6 @@ REJECTION_CASES = [
     RejectionCase("squares overflow", "norm-too-large", "a", _squares_overflow),
     RejectionCase("NaN beside a huge value", "non-finite", "a", _nan_beside_a_huge_value),
     RejectionCase("stale", "stale", "b", _stale, prepare=_two_versions_from_a, max_staleness=1),
-    RejectionCase("same update_id", "duplicate", "a", _same_update_again, prepare=_one_update_from_a),
     RejectionCase("same id, higher seq", "duplicate", "a", _same_id_higher_seq, prepare=_one_update_from_a),
     RejectionCase("same seq", "duplicate", "a", _same_seq_new_id, prepare=_one_update_from_a),
     RejectionCase("lower seq", "duplicate", "a", _lower_seq_new_id, prepare=_one_update_from_a),
@@ -692,3 +687,35 @@ def test_updates_arriving_while_the_run_is_finishing_stay_in_the_queue(tmp_path:
     assert federation.sample("fedmq_updates_applied_total", site="b") is None
     assert federation.rejections() == {}
     assert len(federation.transport.unacked) == 1
+
+
+def test_a_resend_after_a_lost_confirm_is_acked_as_a_copy_not_refused(tmp_path: Path) -> None:
+    # Prepare: the site's first copy reached the queue but its confirm was lost, so it sent the same update again
+    # (same id and seq, not flagged redelivered); once in a later batch, once in the same batch
+    federation = start_federation(tmp_path, fedbuff(buffer_size=10))
+    first = federation.send_good("a")
+    second = make_update("a", seq=federation.next_seq("a"), base_version=0)
+
+    # Execute
+    federation.send(first)
+    for _ in range(2):
+        federation.broker.connect("a").publish(
+            Exchange.UPDATES.value, routing_key("a", Kind.UPDATE), second.encode(), user_id="a"
+        )
+    federation.transport.poll(0)
+    federation.coordinator.commit()
+
+    # Assert: applied once each, the copies acked and counted as redeliveries, nothing refused or dead-lettered
+    assert federation.rejections() == {}
+    assert federation.sample("fedmq_updates_redelivered_total", site="a") == 2
+    assert federation.sample("fedmq_updates_applied_total", site="a") == 2
+    assert federation.coordinator.strategy.buffered_update_ids() == [first.update_id, second.update_id]
+    records = federation.audit()
+    assert [(record["update_id"], record["outcome"]) for record in records] == [
+        (first.update_id, "accepted"),
+        (first.update_id, "already-applied"),
+        (second.update_id, "accepted"),
+        (second.update_id, "already-applied"),
+    ]
+    assert "sent again by the site" in records[1]["detail"] and records[1]["redelivered"] is False
+    assert federation.dead_letters() == [] and federation.transport.unacked == {}
