@@ -80,6 +80,7 @@ def resolve_config(args: argparse.Namespace) -> CoordinatorConfig:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from broker.errors import DeclarationError
     from coordinator import runner
     from coordinator.config import ConfigError
     from coordinator.errors import StorageError
@@ -131,6 +132,9 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"metrics: http://{config.metrics.host}:{config.metrics.port}/metrics", flush=True)
     try:
         runner.run(coordinator, stop)
+    except DeclarationError as exc:  # e.g. the update queue declared by an earlier release with other arguments
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except StorageError as exc:
         # Nothing of the failed commit was acked; the broker returns its updates when this process is gone, and
         # the next start rebuilds its state from the disk (coordinator.commit explains why exiting is the fix).

@@ -7,6 +7,7 @@
 | fedmq_updates_applied_total | counter | site | updates accepted (applied or buffered) |
 | fedmq_updates_rejected_total | counter | site, reason | updates refused, by reason (see below) |
 | fedmq_updates_redelivered_total | counter | site | a copy of an applied update (redelivered or resent): acked only |
+| fedmq_update_delivery_count_max | gauge | | highest x-delivery-count the broker set on an update (0: none returned) |
 | fedmq_update_staleness | histogram | site | staleness (versions) of accepted updates |
 | fedmq_max_staleness | gauge | | the configured staleness bound |
 | fedmq_aggregation_seconds | histogram | | time to validate and apply one update |
@@ -109,6 +110,11 @@ class CoordinatorMetrics:
         self.state_dir_reserve_bytes = Gauge(
             "fedmq_state_dir_reserve_bytes", "Free space a commit must leave in the state dir", registry=registry
         )
+        self.update_delivery_count_max = Gauge(
+            "fedmq_update_delivery_count_max",
+            "Highest x-delivery-count header seen on an update: how often the broker returned one to the queue",
+            registry=registry,
+        )
         self.buffer_fill = Gauge("fedmq_buffer_fill", "Updates held for the next version", registry=registry)
         self.buffer_capacity = Gauge("fedmq_buffer_capacity", "Updates needed for the next version", registry=registry)
         self.update_size = Histogram(
@@ -151,6 +157,7 @@ class CoordinatorMetrics:
             registry=registry,
         )
         self._last_version_time = clock()
+        self._highest_delivery_count = 0
 
     def new_version(self, version: int, at: float) -> None:
         self.model_version.set(version)
@@ -161,6 +168,11 @@ class CoordinatorMetrics:
         """Read the state dir's free space at each scrape."""
         self.state_dir_free_bytes.set_function(free_bytes)
         self.state_dir_reserve_bytes.set(reserve_bytes)
+
+    def saw_delivery_count(self, count: int) -> None:
+        if count > self._highest_delivery_count:
+            self._highest_delivery_count = count
+            self.update_delivery_count_max.set(count)
 
     def serve(self, host: str, port: int) -> None:
         """Expose /metrics over HTTP on a daemon thread."""

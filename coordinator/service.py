@@ -46,6 +46,17 @@ from schemas import Control, ControlCommand, DecodeLimits, GlobalModel, ModelFin
 log = logging.getLogger(__name__)
 
 STATUS_PREFETCH = 50
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+
+
+def delivery_count(delivery: Delivery) -> int:
+    """How often the broker returned this message to the queue before (a quorum queue's ``x-delivery-count``
+    header); a redelivery without the header counts as one. Only shown (``fedmq_update_delivery_count_max``): no
+    rule of the coordinator depends on it, nor on the broker's default for it."""
+    value = delivery.headers.get(DELIVERY_COUNT_HEADER)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return 1 if delivery.redelivered else 0
 
 
 class Coordinator:
@@ -201,6 +212,7 @@ class Coordinator:
         """The broker callback: hand the delivery to ``process_update``; the group commit acks it once durable."""
         if self.finishing_since is not None:
             return  # left unacked: it returns to the queue when this run closes
+        self.metrics.saw_delivery_count(delivery_count(delivery))
         self.process_update(delivery)
         self.batch.handled(delivery)
 

@@ -719,3 +719,24 @@ def test_a_resend_after_a_lost_confirm_is_acked_as_a_copy_not_refused(tmp_path: 
     ]
     assert "sent again by the site" in records[1]["detail"] and records[1]["redelivered"] is False
     assert federation.dead_letters() == [] and federation.transport.unacked == {}
+
+
+def test_the_highest_delivery_count_the_broker_reports_is_shown(tmp_path: Path) -> None:
+    # Prepare
+    federation = start_federation(tmp_path, fedbuff(buffer_size=10))
+    update = make_update("a", seq=1, base_version=0)
+
+    # Execute: the quorum queue's header says the update was returned to the queue 7 times
+    federation.broker.connect("a").publish(
+        Exchange.UPDATES.value,
+        routing_key("a", Kind.UPDATE),
+        update.encode(),
+        user_id="a",
+        headers={"x-delivery-count": 7},
+    )
+    federation.transport.poll(0)
+    federation.coordinator.commit()
+
+    # Assert: shown for the operator (and the alert), and handled as usual
+    assert federation.sample("fedmq_update_delivery_count_max") == 7
+    assert federation.sample("fedmq_updates_applied_total", site="a") == 1

@@ -35,6 +35,7 @@ FEDMQ_EXPORTED_METRICS: dict[str, frozenset[str]] = {
     "fedmq_updates_applied_total": frozenset({"site"}),
     "fedmq_updates_rejected_total": frozenset({"site", "reason"}),
     "fedmq_updates_redelivered_total": frozenset({"site"}),
+    "fedmq_update_delivery_count_max": frozenset(),
     "fedmq_status_errors_total": frozenset({"site"}),
     "fedmq_update_staleness_bucket": frozenset({"site", "le"}),
     "fedmq_update_staleness_sum": _STALENESS_LABELS,

@@ -35,6 +35,7 @@ REQUIRED_ALERTS = {
     "FedmqRejectedUpdatesHigh",
     "FedmqStalenessHigh",
     "FedmqCoordinatorDown",
+    "FedmqUpdateReturnedRepeatedly",
     "FedmqDeadLetterQueueGrowing",
     "RabbitmqMemoryAlarm",
     "RabbitmqDiskAlarm",
@@ -58,7 +59,7 @@ def test_prometheus_config_and_its_rule_files_are_valid() -> None:
 
     # Assert
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 10 rules found" in result.stdout
 
 
 def scrape_targets(config_path: Path) -> dict[str, list[str]]:

@@ -128,3 +128,16 @@ def test_routing_keys_have_the_documented_form() -> None:
 def test_unusable_site_ids_are_rejected_with_the_reason(site_id: str) -> None:
     with pytest.raises(topology.TopologyError, match="invalid site id"):
         topology.site_permissions(site_id)
+
+
+def test_the_update_queue_sets_its_delivery_limit_explicitly_and_out_of_reach_of_a_crash_loop() -> None:
+    # Prepare
+    from broker.topology import SHARED_QUEUES, Queue
+
+    (updates,) = [spec for spec in SHARED_QUEUES if spec.name == Queue.COORDINATOR_UPDATES.value]
+
+    # Assert: explicit (RabbitMQ 3.x has no default limit, 4.x one of 20; 3.x refuses -1), and no restart loop
+    # returns an update a million times, so the broker never dead-letters a valid update for crashes
+    limit = updates.arguments["x-delivery-limit"]
+    assert isinstance(limit, int) and limit >= 1_000_000
+    assert updates.arguments["x-queue-type"] == "quorum"
