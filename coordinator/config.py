@@ -226,10 +226,7 @@ class ValidationSettings(ConfigTable):
     # A copy of an applied update is known by its id and seq; per site, seqs above the settled floor are kept only
     # while an older one is missing (coordinator.validation.DuplicateFilter), so the checkpoint stays small.
     remembered_update_ids: int = Field(
-        2_000,
-        ge=1,
-        description="Ids of the last applied updates remembered to recognise a copy, and per site the settled seqs "
-        "kept above a missing one before it is given up on.",
+        2_000, ge=1, description="Ids of the last applied updates remembered to recognise a copy of one."
     )
 
 

@@ -34,6 +34,9 @@ class ValidUpdate:
     norm: float
 
 
+OPEN_SEQS_PER_SITE = 512  # settled seqs kept above a missing one: 32 windows of the default prefetch (16)
+
+
 @dataclass
 class _SiteSeqs:
     """One site's settled seqs: all up to ``floor``, plus the applied (with their ids) and refused ones above it."""
@@ -52,26 +55,29 @@ class DuplicateFilter:
     A single "last applied seq" per site cannot do this: after a crash the broker may return seq 128 before the
     unapplied seq 123, and 123 would be refused. So, per site: a ``floor`` under which every seq is settled
     (applied, refused, or given up on), and above it the applied seqs (with their ids) and the refused ones. The
-    floor climbs over settled seqs. A seq that never arrives (a gap) holds the floor until ``capacity`` seqs above
-    it are settled; then the floor passes it, and an update with that seq arriving later is refused as a duplicate:
-    the bound keeps the state small (nothing above the floor at all while a site's seqs arrive in order). The ids
-    of the last ``capacity`` applied updates are kept as well, so a copy of one at or below the floor is still
-    recognised as a copy.
+    floor climbs over settled seqs. A seq that never arrives (a gap) holds the floor until ``open_seqs`` seqs above
+    it are settled; then the floor passes it, and an update with that seq arriving later is refused as a duplicate.
+    The bound keeps the checkpoint small (nothing above the floor at all while a site's seqs arrive in order) and is
+    far beyond how far the broker reorders a site's updates (those in flight when a consumer died come back, at
+    most a prefetch window each time). The ids of the last ``capacity`` applied updates are kept as well, so a copy
+    of one at or below the floor is still recognised as a copy.
 
     It is part of the checkpoint, so "applied" here is "durably applied" for anything acked: an ack happens only
     in a commit that made this filter durable with the rest of the state (``coordinator.commit``).
     """
 
-    def __init__(self, capacity: int = 2_000) -> None:
+    def __init__(self, capacity: int = 2_000, open_seqs: int = OPEN_SEQS_PER_SITE) -> None:
         self.capacity = capacity
-        self.recent_ids: OrderedDict[str, tuple[str, int] | None] = OrderedDict()  # id -> (site, seq); None: unknown
+        self.open_seqs = open_seqs
+        self.recent_ids: OrderedDict[str, int | None] = OrderedDict()  # id -> its seq (None: from an older checkpoint)
         self.sites: dict[str, _SiteSeqs] = {}
 
     def applied_copy(self, update: ModelUpdate) -> bool:
-        """This very update (same site, seq and id) was applied: a copy of it is a no-op to acknowledge."""
+        """This very update (same seq and id; the site is checked before, from the login) was applied: a copy of it
+        is a no-op to acknowledge."""
         if update.update_id in self.recent_ids:
-            where = self.recent_ids[update.update_id]
-            return where is None or where == (update.site_id, update.seq)
+            seq = self.recent_ids[update.update_id]
+            return seq is None or seq == update.seq
         site = self.sites.get(update.site_id)
         return site is not None and site.applied.get(update.seq) == update.update_id
 
@@ -92,7 +98,7 @@ class DuplicateFilter:
 
     def remember(self, update: ModelUpdate) -> None:
         """``update`` is applied."""
-        self.recent_ids[update.update_id] = (update.site_id, update.seq)
+        self.recent_ids[update.update_id] = update.seq
         while len(self.recent_ids) > self.capacity:
             self.recent_ids.popitem(last=False)
         site = self.sites.setdefault(update.site_id, _SiteSeqs())
@@ -115,7 +121,7 @@ class DuplicateFilter:
                 del site.applied[following]
             elif following in site.refused:
                 site.refused.remove(following)
-            elif len(site.applied) + len(site.refused) > self.capacity:
+            elif len(site.applied) + len(site.refused) > self.open_seqs:
                 site.floor = min(site.applied.keys() | site.refused) - 1
                 continue  # past the gap: the lowest seq settled above it is next
             else:
@@ -123,15 +129,16 @@ class DuplicateFilter:
             site.floor = following
 
     def state_dict(self) -> dict[str, object]:
+        """Flat lists (a checkpoint is written per commit: no per-entry Python objects to build)."""
         return {
-            "recent_ids": [
-                [update_id, *where] if where else [update_id] for update_id, where in self.recent_ids.items()
-            ],
+            "recent_ids": list(self.recent_ids),
+            "recent_seqs": list(self.recent_ids.values()),
             "sites": {
                 name: {
                     "floor": site.floor,
-                    "applied": [[seq, update_id] for seq, update_id in sorted(site.applied.items())],
-                    "refused": sorted(site.refused),
+                    "applied_seqs": list(site.applied),
+                    "applied_ids": list(site.applied.values()),
+                    "refused": list(site.refused),
                 }
                 for name, site in self.sites.items()
             },
@@ -139,19 +146,16 @@ class DuplicateFilter:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Also reads a checkpoint of the older form (ids only, and each site's last applied seq as its floor)."""
-        self.recent_ids = OrderedDict()
-        for entry in state["recent_ids"]:
-            if isinstance(entry, str):
-                self.recent_ids[entry] = None
-            else:
-                self.recent_ids[str(entry[0])] = (str(entry[1]), int(entry[2])) if len(entry) == 3 else None
+        ids = [str(update_id) for update_id in state["recent_ids"]]
+        seqs = state.get("recent_seqs") or [None] * len(ids)
+        self.recent_ids = OrderedDict(zip(ids, (None if seq is None else int(seq) for seq in seqs), strict=True))
         if "last_seq" in state:
             self.sites = {str(name): _SiteSeqs(floor=int(seq)) for name, seq in state["last_seq"].items()}
             return
         self.sites = {
             str(name): _SiteSeqs(
                 floor=int(site["floor"]),
-                applied={int(seq): str(update_id) for seq, update_id in site["applied"]},
+                applied=dict(zip(map(int, site["applied_seqs"]), map(str, site["applied_ids"]), strict=True)),
                 refused={int(seq) for seq in site["refused"]},
             )
             for name, site in state["sites"].items()

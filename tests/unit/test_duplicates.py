@@ -53,13 +53,13 @@ def test_the_floor_climbs_over_applied_and_refused_seqs_and_keeps_nothing_for_an
 
     # Assert
     state = duplicates.state_dict()["sites"]
-    assert state == {"a": {"floor": 10, "applied": [], "refused": []}}  # type: ignore[comparison-overlap]
+    assert state == {"a": {"floor": 10, "applied_seqs": [], "applied_ids": [], "refused": []}}  # type: ignore[comparison-overlap]
     assert "at or below the site's settled seq 10" in str(duplicates.is_duplicate(update(7)))
 
 
-def test_a_gap_holds_the_floor_until_capacity_seqs_are_settled_above_it() -> None:
+def test_a_gap_holds_the_floor_until_open_seqs_are_settled_above_it() -> None:
     # Prepare: seq 2 never arrives
-    duplicates = DuplicateFilter(capacity=3)
+    duplicates = DuplicateFilter(open_seqs=3)
     duplicates.remember(update(1))
 
     # Execute
