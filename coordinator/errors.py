@@ -10,10 +10,11 @@
         └── AuditError (ValueError)         an audit record that does not continue the chain
 
 The state dir's writes raise ``StorageError`` for an ``OSError`` (``coordinator.storage.storage_writes``), so a
-transport cannot take a failed write for a lost connection; a raw ``OSError`` is treated the same wherever it
-comes from. The handlers' guards let both through (``STORAGE_ERRORS``), nothing else catches them, and the process
-exits (``fedmq coordinator run`` with code 74) rather than ack what is not durable. ``coordinator.config`` and
-``coordinator.model_files`` re-export the two errors they raise.
+transport cannot take a failed write for a lost connection; a raw ``OSError`` from a handler stops the process
+too (the transport lets a handler's exception through untranslated). The handlers' guards let both through
+(``STORAGE_ERRORS``), nothing else catches them, and the process exits (``fedmq coordinator run`` with code 74)
+rather than ack what is not durable. ``coordinator.config`` and ``coordinator.model_files`` re-export the two
+errors they raise.
 """
 
 from __future__ import annotations
