@@ -280,8 +280,13 @@ def test_coordinator_reconnects_after_its_connection_is_cut_and_carries_on(
         wait_for(lambda: coordinator.metrics()["fedmq_model_version"][()] == 2, 60, "no progress after reconnect")
         assert coordinator.process is not None and coordinator.process.poll() is None
         assert "reconnecting" in (tmp_path / "coordinator.log").read_text()
-        accepted = [r["update_id"] for r in coordinator.audit_records() if r["outcome"] == "accepted"]
-        assert len(accepted) == len(set(accepted)) == 2
+
+        # the version's metric moves when the update is applied, its audit record once the commit is durable
+        def accepted() -> list[str]:
+            return [r["update_id"] for r in coordinator.audit_records() if r["outcome"] == "accepted"]
+
+        wait_for(lambda: len(accepted()) >= 2, 30, "the second update was never committed")
+        assert len(accepted()) == len(set(accepted())) == 2
     finally:
         site.close()
         coordinator.stop()
