@@ -19,6 +19,9 @@ from broker import topology
 from broker.errors import BrokerNotReachable, DeclarationError
 from broker.urls import redact_url
 
+PRECONDITION_FAILED = 406
+REDECLARE_DOC = '"Re-declaring the update queue"'
+
 
 def declare_site(channel: BlockingChannel, site_id: str) -> None:
     """One site's inbox (newest global model only) and control queue, bound to their exchanges."""
@@ -52,7 +55,10 @@ def _channel_at(target: str | pika.ConnectionParameters, doing: str) -> Iterator
     try:
         yield connection.channel()
     except pika.exceptions.ChannelClosedByBroker as exc:
-        raise DeclarationError(f"the broker refused to {doing} ({exc.reply_code} {exc.reply_text})") from exc
+        hint = ""
+        if exc.reply_code == PRECONDITION_FAILED and "inequivalent arg" in str(exc.reply_text):
+            hint = "; a queue declared by an earlier release must be re-declared: docs/DEPLOYMENT.md, " + REDECLARE_DOC
+        raise DeclarationError(f"the broker refused to {doing} ({exc.reply_code} {exc.reply_text}){hint}") from exc
     except pika.exceptions.AMQPConnectionError as exc:
         raise BrokerNotReachable(f"lost the connection to {shown} while trying to {doing}: {exc!r}") from exc
     finally:

@@ -6,6 +6,11 @@ confirms and waits for them, and one publishes with confirms it does not wait fo
 while the connection is polled, and a refusal is logged). A refused publish closes only its publishing channel,
 which is reopened on the next publish, so a consumer keeps its deliveries. pika exceptions never leave this
 module: they become ``TransportError``s.
+
+An exception raised by a consumer's handler is the handler's, not the connection's: it leaves ``poll`` as it was
+raised, never translated. (``OSError`` is in the list of connection errors because pika's sockets raise it; a
+handler's failed disk write is an ``OSError`` too, and taking it for a lost connection would reconnect in the same
+process and carry on with state that is not durable.)
 """
 
 from __future__ import annotations
@@ -112,6 +117,14 @@ _CONNECTION_ERRORS = (
 )
 
 
+class _HandlerFailed(Exception):
+    """Carries a handler's exception out through pika, past the connection-error translation in ``poll``."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(repr(error))
+        self.error = error
+
+
 class PikaTransport(Transport):
     def __init__(self, connection: pika.BlockingConnection) -> None:
         self._connection = connection
@@ -206,18 +219,20 @@ class PikaTransport(Transport):
             properties: pika.BasicProperties,
             body: bytes,
         ) -> None:
-            handler(
-                Delivery(
-                    body=body,
-                    routing_key=method.routing_key,
-                    delivery_tag=method.delivery_tag,
-                    user_id=properties.user_id,
-                    message_id=properties.message_id,
-                    headers=properties.headers or {},
-                    redelivered=bool(method.redelivered),
-                    exchange=method.exchange,
-                )
+            delivery = Delivery(
+                body=body,
+                routing_key=method.routing_key,
+                delivery_tag=method.delivery_tag,
+                user_id=properties.user_id,
+                message_id=properties.message_id,
+                headers=properties.headers or {},
+                redelivered=bool(method.redelivered),
+                exchange=method.exchange,
             )
+            try:
+                handler(delivery)
+            except Exception as exc:
+                raise _HandlerFailed(exc) from exc
 
         try:
             channel = self._consumer()
@@ -242,6 +257,8 @@ class PikaTransport(Transport):
             raise TransportClosed("transport is closed")
         try:
             self._connection.process_data_events(time_limit=timeout)
+        except _HandlerFailed as failed:
+            raise failed.error from None  # its own traceback still shows where the handler raised it
         except pika.exceptions.ChannelClosedByBroker as exc:
             raise TransportConnectionError(f"broker closed the channel: {exc.reply_text}") from exc
         except _CONNECTION_ERRORS as exc:
@@ -345,10 +362,12 @@ def run_reconnecting(
     """Connect and run ``session``; when either ends in one of ``retry_on``, wait and do both again.
 
     ``session`` returns when its work is finished; a ``TransportConnectionError`` from it or from the connect means
-    "connection lost or not there yet". A site also passes ``ConsumeRefused`` (its queue is not provisioned yet, or
-    was deleted): it waits for an operator rather than exit. One ``SessionBackoff`` spans connect and session, so a
-    session that fails at once is retried ever more slowly, not in a loop. Unacked deliveries return to their
-    queues when a connection dies, so the next session sees them again. None when stopped before finishing.
+    "connection lost or not there yet". Anything else (a coordinator's ``StorageError`` above all) ends the retrying
+    and leaves this function: it is no reason to reconnect. A site also passes ``ConsumeRefused`` (its queue is not
+    provisioned yet, or was deleted): it waits for an operator rather than exit. One ``SessionBackoff`` spans
+    connect and session, so a session that fails at once is retried ever more slowly, not in a loop. Unacked
+    deliveries return to their queues when a connection dies, so the next session sees them again. None when
+    stopped before finishing.
     """
     backoff = SessionBackoff(max_wait_seconds=max_wait_seconds, healthy_after_seconds=healthy_after_seconds)
 

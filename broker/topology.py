@@ -81,8 +81,20 @@ SITE_UPDATE_QUEUE_BYTES = 2 * 1024**3
 # The dead-letter queue keeps the newest rejections only (drop-head): for inspection, not an archive.
 DEAD_LETTER_MAX_LENGTH = 10_000
 DEAD_LETTER_MAX_BYTES = 1024**3
-# Redeliveries of one update before the broker dead-letters it (a poison message cannot wedge the coordinator).
-UPDATE_DELIVERY_LIMIT = 5
+# How often the update queue may return one update to the queue (a consumer died holding it) before RabbitMQ
+# dead-letters it itself: in effect never. The coordinator's handler guard turns an update it fails on into an
+# audited, dead-lettered ``internal-error`` rejection, so a broker-side limit only ever counted crashes of the
+# coordinator holding valid updates: with a limit of 5, eight kills of a crash-looping coordinator dead-lettered 86
+# confirmed updates with no audit record. The value is explicit, never RabbitMQ's default, because the default
+# differs between versions (none in 3.x, 20 in 4.x, where -1 means none but 3.x refuses -1); a million returns is
+# beyond any restart loop (years of Docker's one-a-minute backoff; systemd's start limit stops far sooner).
+# What this gives up: a message that kills the process outright (not an exception: the guard catches those) comes
+# back after every restart. That is visible instead of silent: the coordinator exports the highest
+# ``x-delivery-count`` it has seen (``fedmq_update_delivery_count_max``) and FedmqUpdateReturnedRepeatedly fires;
+# the operator moves the message aside (docs/DEPLOYMENT.md, "A message that crashes the coordinator").
+# A queue declared with other arguments (the earlier limit of 5) must be re-declared, see docs/DEPLOYMENT.md,
+# "Re-declaring the update queue": RabbitMQ refuses to change a queue's arguments (406 PRECONDITION_FAILED).
+UPDATE_DELIVERY_LIMIT = 1_000_000
 # Header carrying the reason a message was dead-lettered by the coordinator.
 REJECT_REASON_HEADER = "x-fedmq-reject-reason"
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.errors import AuditError
+from coordinator.storage import fsync_directory, make_directory, storage_writes
 
 GENESIS_HASH = "0" * 64
 MAX_FIELD_CHARS = 500
@@ -50,14 +51,19 @@ def body_digest(body: bytes) -> str:
 
 
 class AuditLog:
-    """Append-only; each append is flushed and fsynced before the update it describes is acknowledged."""
+    """Append-only; each append is flushed and fsynced before the update it describes is acknowledged. A failed
+    write is a ``StorageError`` (``coordinator.storage``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair_torn_tail()
+        with storage_writes(str(path)):
+            make_directory(path.parent)
+            self._repair_torn_tail()
+            created = not path.exists()
+            self._handle = path.open("a", encoding="utf-8")
+            if created:  # the new file's name is durable only once its directory is
+                fsync_directory(path.parent)
         self.count, self.last_hash = self._scan()
-        self._handle = path.open("a", encoding="utf-8")
         self._digester = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmq-audit-digest")
 
     def digest(self, body: bytes) -> Future[str]:
@@ -101,15 +107,21 @@ class AuditLog:
             head = record["hash"]
         if not records:
             return
-        self._handle.write("".join(json.dumps(record, sort_keys=True) + "\n" for record in records))
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        with storage_writes(str(self.path)):
+            self._handle.write(encode_records(records))
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
         self.count += len(records)
         self.last_hash = head
 
     def close(self) -> None:
         self._digester.shutdown(wait=True)
         self._handle.close()
+
+
+def encode_records(records: list[dict[str, Any]]) -> str:
+    """The lines ``append_sealed_batch`` writes for ``records`` (also how the commit sizes them)."""
+    return "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:

@@ -10,13 +10,16 @@ does not count (through ``.data`` or a NumPy view) are not seen; the federation 
 A torch without ``_version`` makes every save write everything (correct, slower), and a unit test fails loudly.
 All tensors new in one save go into one file, so a save costs one data fsync however many tensors the model has.
 
-Order of a save: the new tensor file (fsync) -> manifest to a temp file (fsync) -> atomic rename -> fsync the
-directory -> remove tensor files no manifest entry points into any more. A crash at any point leaves the previous
-checkpoint or the new one, never a mix.
+Order of a save: the new tensor file (fsync, then fsync ``tensors/`` for its name) -> manifest to a temp file
+(fsync) -> atomic rename -> fsync the directory -> remove tensor files no manifest entry points into any more. A
+crash at any point leaves the previous checkpoint or the new one, never a mix. A save is prepared first
+(``prepare``: what it will write, ``bytes_needed``) and written second (``write``), so the commit can see whether the
+disk has room before it starts; any ``OSError`` of a write is raised as a ``StorageError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -26,6 +29,7 @@ import msgpack
 import torch
 
 from coordinator.errors import CheckpointError
+from coordinator.storage import BLOCK_BYTES, fsync_directory, make_directory, storage_writes
 from schemas.tensors import DTYPE_NAMES, DTYPES, raw_view
 
 MANIFEST = "checkpoint.msgpack"
@@ -33,23 +37,16 @@ TENSOR_DIR = "tensors"
 _TENSOR_TAG = "__tensor__"
 
 
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def write_file_durably(path: Path, data: bytes | memoryview) -> None:
-    """Write to a temp file, fsync, rename over ``path``, fsync the directory."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _fsync_directory(path.parent)
+    """Write to a temp file, fsync, rename over ``path``, fsync the directory; a failure is a ``StorageError``."""
+    with storage_writes(str(path)):
+        temporary = path.with_name(f".{path.name}.tmp")
+        with temporary.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        fsync_directory(path.parent)
 
 
 Location = tuple[str, int]  # tensor file name, byte offset in it
@@ -72,11 +69,29 @@ def _unchanged(known: _Written, tensor: torch.Tensor) -> bool:
     return known.tensor is tensor and known.edits is not None and known.edits == _edit_count(tensor)
 
 
+class PreparedSave(NamedTuple):
+    """A save worked out but not written: the manifest's bytes and the tensors new in it."""
+
+    manifest: bytes
+    pending: list[torch.Tensor]
+    new_file: str
+    referenced: dict[int, _Written]
+
+    @property
+    def bytes_needed(self) -> int:
+        """Disk space the save takes before it frees anything: its tensor file, the manifest's temp file (the old
+        manifest is still there) and a block of rounding for each."""
+        tensor_bytes = sum(tensor.numel() * tensor.element_size() for tensor in self.pending)
+        return tensor_bytes + len(self.manifest) + 2 * BLOCK_BYTES
+
+
 class CheckpointStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.tensor_dir = directory / TENSOR_DIR
-        self.tensor_dir.mkdir(parents=True, exist_ok=True)
+        with storage_writes(str(self.tensor_dir)):
+            make_directory(self.tensor_dir)
+        self.size_bytes = 0  # on disk after the last save or load: manifest + the tensor files it points into
         # id(tensor) -> what was written for it (where, and how often torch had seen it edited then)
         self._written: dict[int, _Written] = {}
         existing = [int(path.stem) for path in self.tensor_dir.glob("*.bin") if path.stem.isdigit()]
@@ -87,23 +102,40 @@ class CheckpointStore:
         return (self.directory / MANIFEST).exists()
 
     def save(self, state: dict[str, Any]) -> None:
+        self.write(self.prepare(state))
+
+    def prepare(self, state: dict[str, Any]) -> PreparedSave:
+        """Work out what saving ``state`` writes, without writing (nor changing this store)."""
         referenced: dict[int, _Written] = {}
         pending: list[torch.Tensor] = []
         new_file = f"{self._next_file:012d}.bin"
         manifest = self._flatten(state, referenced, pending, new_file)
-        if pending:
-            self._next_file += 1
-            with (self.tensor_dir / new_file).open("wb") as handle:
-                for tensor in pending:
-                    handle.write(raw_view(tensor))
-                handle.flush()
-                os.fsync(handle.fileno())
-            _fsync_directory(self.tensor_dir)
-        write_file_durably(self.directory / MANIFEST, msgpack.packb(manifest, use_bin_type=True))
-        keep = {written.location[0] for written in referenced.values()}
+        return PreparedSave(msgpack.packb(manifest, use_bin_type=True), pending, new_file, referenced)
+
+    def write(self, prepared: PreparedSave) -> None:
+        """Write a prepared save durably (see the module's order); an ``OSError`` is raised as ``StorageError``."""
+        with storage_writes(f"the checkpoint in {self.directory}"):
+            if prepared.pending:
+                self._next_file += 1
+                with (self.tensor_dir / prepared.new_file).open("wb") as handle:
+                    for tensor in prepared.pending:
+                        handle.write(raw_view(tensor))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                fsync_directory(self.tensor_dir)
+        write_file_durably(self.directory / MANIFEST, prepared.manifest)
+        keep = {written.location[0] for written in prepared.referenced.values()}
         for stale in {written.location[0] for written in self._written.values()} - keep:
-            (self.tensor_dir / stale).unlink(missing_ok=True)
-        self._written = referenced
+            (self.tensor_dir / stale).unlink(missing_ok=True)  # not fsynced: an orphan is removed by the next load
+        self._written = prepared.referenced
+        self.size_bytes = len(prepared.manifest) + self._tensor_bytes(keep)
+
+    def _tensor_bytes(self, names: set[str]) -> int:
+        total = 0
+        for name in names:
+            with contextlib.suppress(OSError):  # only a figure for a gauge
+                total += (self.tensor_dir / name).stat().st_size
+        return total
 
     def _flatten(
         self,
@@ -151,6 +183,7 @@ class CheckpointStore:
         for orphan in self.tensor_dir.glob("*.bin"):  # written by a save that crashed before its manifest
             if orphan.name not in keep:
                 orphan.unlink()
+        self.size_bytes = path.stat().st_size + self._tensor_bytes(keep)
         return state
 
     def _inflate(self, value: Any, referenced: dict[int, _Written], files: dict[str, bytes]) -> Any:

@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("fedmq.coordinator")
 
+EXIT_STORAGE_ERROR = 74  # sysexits EX_IOERR: the state dir failed a write; systemd restarts the service
+
 
 def register(subcommands: Any) -> None:
     coordinator = subcommands.add_parser(
@@ -91,8 +93,10 @@ def resolve_config(args: argparse.Namespace) -> CoordinatorConfig:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from broker.errors import DeclarationError
     from coordinator import runner
     from coordinator.config import ConfigError
+    from coordinator.errors import StorageError
 
     try:
         config = resolve_config(args)
@@ -128,6 +132,9 @@ def run_command(args: argparse.Namespace) -> int:
         where = args.config or "the default config"
         print(f"error: {where}: {exc}", file=sys.stderr)
         return 1
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STORAGE_ERROR
     try:
         coordinator.metrics.serve(config.metrics.host, config.metrics.port)
     except OSError as exc:
@@ -138,7 +145,16 @@ def run_command(args: argparse.Namespace) -> int:
         )
         return 1
     print(f"metrics: http://{config.metrics.host}:{config.metrics.port}/metrics", flush=True)
-    runner.run(coordinator, stop)
+    try:
+        runner.run(coordinator, stop)
+    except DeclarationError as exc:  # e.g. the update queue declared by an earlier release with other arguments
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except StorageError as exc:
+        # Nothing of the failed commit was acked; the broker returns its updates when this process is gone, and
+        # the next start rebuilds its state from the disk (coordinator.commit explains why exiting is the fix).
+        log.critical("stopping: %s; nothing more is acked, the next start resumes from the state dir", exc)
+        return EXIT_STORAGE_ERROR
     return 0
 
 

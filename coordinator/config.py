@@ -31,6 +31,9 @@ Only ``load_config`` touches a file; everything else receives a ``CoordinatorCon
     max_message_mb = 256
     max_num_examples = 1000000     # evaluation reports claiming more examples are refused
 
+    [storage]
+    reserve_mb = 64                  # free space a commit must leave in the state dir, else it waits (unacked)
+
     [liveness]
     site_timeout_seconds = 30
 
@@ -226,11 +229,24 @@ class ValidationSettings(ConfigTable):
 
     max_update_norm: float = Field(1e4, gt=0, description="Largest L2 norm of an update's delta.")
     max_message_mb: float = Field(256.0, gt=0, description="Largest update message, in MiB (checked before decoding).")
-    # Redelivered updates are caught by their id; resent ones also by their site's seq, so a short memory suffices
-    # and keeps the per-update checkpoint small.
-    remembered_update_ids: int = Field(2_000, ge=1, description="Update ids remembered to refuse a duplicate.")
+    # A copy of an applied update is known by its id and seq; per site, seqs above the settled floor are kept only
+    # while an older one is missing (coordinator.validation.DuplicateFilter), so the checkpoint stays small.
+    remembered_update_ids: int = Field(
+        2_000, ge=1, description="Ids of the last applied updates remembered to recognise a copy of one."
+    )
     max_num_examples: int = Field(
         1_000_000, ge=1, description="Largest num_examples a site may claim (evaluation reports above it are refused)."
+    )
+
+
+class StorageSettings(ConfigTable):
+    """``[storage]``: the state dir's disk space."""
+
+    reserve_mb: float = Field(
+        64.0,
+        ge=0,
+        description="Free space a commit must leave in the state dir; a commit that would leave less is not started "
+        "(its updates stay unacked in the broker) until there is room.",
     )
 
 
@@ -331,6 +347,7 @@ class CoordinatorConfig(ConfigTable):
         TrainingConfig(), description="[training]: how every site trains, sent inside the global model."
     )
     validation: ValidationSettings = Field(ValidationSettings(), description="[validation]")
+    storage: StorageSettings = Field(StorageSettings(), description="[storage]")
     liveness: LivenessSettings = Field(LivenessSettings(), description="[liveness]")
     stopping: StoppingSettings = Field(StoppingSettings(), description="[stopping]")
     metrics: MetricsSettings = Field(MetricsSettings(), description="[metrics]")

@@ -9,9 +9,12 @@
         ├── CheckpointError (RuntimeError)  a checkpoint that cannot be read back
         └── AuditError (ValueError)         an audit record that does not continue the chain
 
-``OSError`` from a write is a storage error too; the handlers' guards let both through (``STORAGE_ERRORS``), so the
-process stops rather than ack what is not durable. ``coordinator.config`` and ``coordinator.model_files`` re-export
-the two errors they raise.
+The state dir's writes raise ``StorageError`` for an ``OSError`` (``coordinator.storage.storage_writes``), so a
+transport cannot take a failed write for a lost connection; a raw ``OSError`` from a handler stops the process
+too (the transport lets a handler's exception through untranslated). The handlers' guards let both through
+(``STORAGE_ERRORS``), nothing else catches them, and the process exits (``fedmq coordinator run`` with code 74)
+rather than ack what is not durable. ``coordinator.config`` and ``coordinator.model_files`` re-export the two
+errors they raise.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.storage import make_directory, storage_writes
 from schemas import EvalReport
 
 
@@ -51,7 +52,8 @@ class EvaluationBook:
         self.by_version: dict[int, dict[str, EvalReport]] = {}
         self.latest_by_site: dict[str, EvalReport] = {}
         if history_path is not None:
-            history_path.parent.mkdir(parents=True, exist_ok=True)
+            with storage_writes(str(history_path.parent)):
+                make_directory(history_path.parent)
 
     def add(self, report: EvalReport, received_at: float) -> GlobalEvaluation:
         per_version = self.by_version.setdefault(report.model_version, {})
@@ -73,7 +75,7 @@ class EvaluationBook:
                 "mean": evaluation.mean,
                 "pooled": evaluation.pooled,
             }
-            with self.history_path.open("a", encoding="utf-8") as handle:
+            with storage_writes(str(self.history_path)), self.history_path.open("a", encoding="utf-8") as handle:
                 # strict JSON: a NaN or inf never reaches the file (coordinator.status refuses such reports first)
                 handle.write(json.dumps(row, allow_nan=False) + "\n")
         return evaluation

@@ -6,11 +6,17 @@
 | fedmq_updates_received_total | counter | site | updates taken off the queue |
 | fedmq_updates_applied_total | counter | site | updates accepted (applied or buffered) |
 | fedmq_updates_rejected_total | counter | site, reason | updates refused, by reason (see below) |
-| fedmq_updates_redelivered_total | counter | site | redelivered after a restart, already held: acked only |
+| fedmq_updates_redelivered_total | counter | site | a copy of an applied update (redelivered or resent): acked only |
+| fedmq_update_delivery_count_max | gauge | | highest x-delivery-count the broker set on an update (0: none returned) |
 | fedmq_update_staleness | histogram | site | staleness (versions) of accepted updates |
 | fedmq_max_staleness | gauge | | the configured staleness bound |
 | fedmq_aggregation_seconds | histogram | | time to validate and apply one update |
 | fedmq_checkpoint_seconds | histogram | | time to write one durable checkpoint |
+| fedmq_checkpoint_bytes | gauge | | size on disk of the last checkpoint (manifest + tensor files) |
+| fedmq_commit_bytes | gauge | | disk space the last commit needed (new checkpoint files + audit records) |
+| fedmq_commits_deferred_total | counter | | commits not started for lack of disk space (their updates stay unacked) |
+| fedmq_state_dir_free_bytes | gauge | | free space of the state dir's filesystem, read at scrape time |
+| fedmq_state_dir_reserve_bytes | gauge | | the free space a commit must leave (``[storage] reserve_mb``) |
 | fedmq_buffer_fill | gauge | | updates held (FedBuff buffer or sync round) |
 | fedmq_buffer_capacity | gauge | | updates needed for the next version (K) |
 | fedmq_update_size_bytes | histogram | site | size of update messages |
@@ -72,7 +78,7 @@ class CoordinatorMetrics:
         )
         self.updates_redelivered = Counter(
             "fedmq_updates_redelivered",
-            "Updates the broker redelivered after a restart that the checkpoint already held (acked, not reapplied)",
+            "Copies of applied updates (redelivered by the broker or resent by a site): acked, not applied again",
             ["site"],
             registry=registry,
         )
@@ -94,6 +100,28 @@ class CoordinatorMetrics:
             "fedmq_checkpoint_seconds",
             "Time to write one durable checkpoint",
             buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.checkpoint_bytes = Gauge(
+            "fedmq_checkpoint_bytes", "Size on disk of the last checkpoint", registry=registry
+        )
+        self.commit_bytes = Gauge(
+            "fedmq_commit_bytes", "Disk space the last commit needed (checkpoint files + audit)", registry=registry
+        )
+        self.commits_deferred = Counter(
+            "fedmq_commits_deferred",
+            "Commits not started for lack of disk space in the state dir (their updates stay unacked)",
+            registry=registry,
+        )
+        self.state_dir_free_bytes = Gauge(
+            "fedmq_state_dir_free_bytes", "Free space of the state dir's filesystem", registry=registry
+        )
+        self.state_dir_reserve_bytes = Gauge(
+            "fedmq_state_dir_reserve_bytes", "Free space a commit must leave in the state dir", registry=registry
+        )
+        self.update_delivery_count_max = Gauge(
+            "fedmq_update_delivery_count_max",
+            "Highest x-delivery-count header seen on an update: how often the broker returned one to the queue",
             registry=registry,
         )
         self.buffer_fill = Gauge("fedmq_buffer_fill", "Updates held for the next version", registry=registry)
@@ -138,11 +166,22 @@ class CoordinatorMetrics:
             registry=registry,
         )
         self._last_version_time = clock()
+        self._highest_delivery_count = 0
 
     def new_version(self, version: int, at: float) -> None:
         self.model_version.set(version)
         self.last_version_timestamp.set(at)
         self._last_version_time = at
+
+    def watch_state_dir(self, free_bytes: Callable[[], float], reserve_bytes: int) -> None:
+        """Read the state dir's free space at each scrape."""
+        self.state_dir_free_bytes.set_function(free_bytes)
+        self.state_dir_reserve_bytes.set(reserve_bytes)
+
+    def saw_delivery_count(self, count: int) -> None:
+        if count > self._highest_delivery_count:
+            self._highest_delivery_count = count
+            self.update_delivery_count_max.set(count)
 
     def serve(self, host: str, port: int) -> None:
         """Expose /metrics over HTTP on a daemon thread."""

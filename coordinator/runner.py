@@ -27,6 +27,7 @@ from coordinator.evaluation import EvaluationBook
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import Coordinator
 from coordinator.signatures import Signer, UpdateSignatures
+from coordinator.storage import make_directory, storage_writes
 from schemas import ModelFingerprint
 from tasks.base import architecture_digest
 from tasks.registry import task_from_options
@@ -55,7 +56,8 @@ def signing_paths(config: CoordinatorConfig) -> tuple[Path, Path]:
 
 def build_coordinator(config: CoordinatorConfig, registry: CollectorRegistry) -> Coordinator:
     """Version 0 comes from the task (seeded), then any checkpoint in the state dir takes over."""
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    with storage_writes(str(config.state_dir)):
+        make_directory(config.state_dir)
     keys, key_file = signing_paths(config)
     signer = Signer(ensure_coordinator_key(key_file))
     paths = state_paths(config)

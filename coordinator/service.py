@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from broker.topology import BROADCAST_SITE, Exchange, Kind, Queue, routing_key, site_update_queues
@@ -37,6 +38,7 @@ from coordinator.run_state import RunState
 from coordinator.signatures import Signer
 from coordinator.status import StatusHandler, StatusRejection, StatusRules
 from coordinator.stopping import final_evaluations_done, stop_reason
+from coordinator.storage import DiskSpace, free_bytes
 from coordinator.updates import Outcome, UpdateHandler, UpdateRules
 from coordinator.validation import DuplicateFilter, SignatureCheck
 from fedmq import __version__
@@ -45,6 +47,17 @@ from schemas import Control, ControlCommand, DecodeLimits, GlobalModel, ModelFin
 log = logging.getLogger(__name__)
 
 STATUS_PREFETCH = 50
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+
+
+def delivery_count(delivery: Delivery) -> int:
+    """How often the broker returned this message to the queue before (a quorum queue's ``x-delivery-count``
+    header); a redelivery without the header counts as one. Only shown (``fedmq_update_delivery_count_max``): no
+    rule of the coordinator depends on it, nor on the broker's default for it."""
+    value = delivery.headers.get(DELIVERY_COUNT_HEADER)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return 1 if delivery.redelivered else 0
 
 
 def update_prefetch_per_site(update_prefetch: int, sites: int) -> int:
@@ -70,6 +83,7 @@ class Coordinator:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         incarnation: int | None = None,
+        free_space: Callable[[Path], int] = free_bytes,
     ) -> None:
         self.config = config
         # drawn at each start, in every model published: a restored coordinator's models supersede older ones
@@ -95,6 +109,10 @@ class Coordinator:
         )
         self.liveness = Liveness(config.liveness.site_timeout_seconds)
         self.duplicates = DuplicateFilter(config.validation.remembered_update_ids)
+        self.space = DiskSpace(
+            config.state_dir, reserve_bytes=int(config.storage.reserve_mb * 1024 * 1024), free=free_space
+        )
+        metrics.watch_state_dir(self.space.free_now, self.space.reserve_bytes)
         self.batch = GroupCommit(
             state=self.state,
             strategy=strategy,
@@ -105,6 +123,7 @@ class Coordinator:
             transport=self._transport,
             publish_model=self.publish_model,
             batch_size=config.update_prefetch,
+            space=self.space,
             monotonic=monotonic,
         )
         self.status = StatusHandler(
@@ -221,6 +240,7 @@ class Coordinator:
         """The broker callback: hand the delivery to ``process_update``; the group commit acks it once durable."""
         if self.finishing_since is not None:
             return  # left unacked: it returns to the queue when this run closes
+        self.metrics.saw_delivery_count(delivery_count(delivery))
         self.process_update(delivery)
         self.batch.handled(delivery)
 

@@ -37,6 +37,10 @@ from schemas import DecodeLimits, ModelUpdate
 log = logging.getLogger(__name__)
 
 
+# Rejections that say nothing about the seq of the site the update names: it is not the sender's, or not new.
+_SETTLES_NOTHING = frozenset({Reason.DUPLICATE, Reason.IDENTITY_MISMATCH, Reason.UNKNOWN_SITE})
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What handling one update led to: a rejection, an accepted (applied or buffered) update, a new version, or
@@ -141,8 +145,8 @@ class UpdateHandler:
                 return self._accept(delivery, digest, checked, contribution, started, now)
             refused = Reason(refusal)  # a strategy's own string is no reason: the guard makes it an internal error
             checked = Rejection(refused, f"refused by {self.strategy.name}: {refused.value}", label, checked.update)
-        elif self._redelivered_after_restart(delivery, checked):
-            self._acknowledge_redelivery(delivery, digest, checked, now)
+        elif self._copy_of_applied(checked):
+            self._acknowledge_copy(delivery, digest, checked, now)
             return Outcome()
         self._reject(delivery, digest, checked, now)
         return Outcome(rejection=checked)
@@ -174,24 +178,21 @@ class UpdateHandler:
         routed_site = site_from_routing_key(delivery.routing_key) or "unknown"
         return routed_site if routed_site in self.rules.known_sites else "unknown"
 
-    def _redelivered_after_restart(self, delivery: Delivery, rejection: Rejection) -> bool:
-        """The broker (not the site) sent an update again that this run already applied: its ack was lost when
-        the connection or the process died after the commit. The site did nothing wrong."""
+    def _copy_of_applied(self, rejection: Rejection) -> bool:
+        """A second copy of an update this run applied: the broker redelivered it (its ack was lost when the
+        connection or the process died after the commit), or the site sent it again after a lost publisher confirm
+        (same id and seq). The site did nothing wrong."""
         update = rejection.update
-        return (
-            delivery.redelivered
-            and rejection.reason == Reason.DUPLICATE
-            and update is not None
-            and self.duplicates.applied(update.update_id)
-        )
+        return rejection.reason == Reason.DUPLICATE and update is not None and self.duplicates.applied_copy(update)
 
-    def _acknowledge_redelivery(
-        self, delivery: Delivery, digest: Future[str], rejection: Rejection, now: float
-    ) -> None:
-        """Ack with the next commit and note it in the audit log; no dead letter, no rejection counted."""
+    def _acknowledge_copy(self, delivery: Delivery, digest: Future[str], rejection: Rejection, now: float) -> None:
+        """Ack with the next commit and note it in the audit log; no dead letter, no rejection counted. Safe to ack:
+        the applied original is durable by the time this is acked, since both are acked only by a commit that
+        made the state holding it durable."""
         update = rejection.update
         assert update is not None
         self.metrics.updates_redelivered.labels(site=rejection.site_id).inc()
+        how = "redelivered by the broker" if delivery.redelivered else "sent again by the site (a lost confirm)"
         self._record(
             delivery,
             digest,
@@ -199,11 +200,9 @@ class UpdateHandler:
             self.state.version - update.base_version,
             outcome="already-applied",
             now=now,
-            detail="redelivered by the broker after a restart; applied before",
+            detail=f"{how}; applied before",
         )
-        log.info(
-            "update %s from %s redelivered after a restart: already applied, acked", update.update_id, rejection.site_id
-        )
+        log.info("update %s from %s %s: already applied, acked", update.update_id, rejection.site_id, how)
 
     def _as_model_dtypes(self, delta: Mapping[str, torch.Tensor]) -> Params:
         return {
@@ -263,6 +262,8 @@ class UpdateHandler:
     def _reject(self, delivery: Delivery, digest: Future[str], rejection: Rejection, now: float) -> None:
         update = rejection.update
         reason = rejection.reason.value
+        if update is not None and rejection.reason not in _SETTLES_NOTHING and update.site_id in self.rules.known_sites:
+            self.duplicates.settle_refused(update)
         self.metrics.updates_rejected.labels(site=rejection.site_id, reason=reason).inc()
         self._record(
             delivery,

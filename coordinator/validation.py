@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,38 +37,132 @@ class ValidUpdate:
     norm: float
 
 
+OPEN_SEQS_PER_SITE = 512  # settled seqs kept above a missing one: 32 windows of the default prefetch (16)
+
+
+@dataclass
+class _SiteSeqs:
+    """One site's settled seqs: all up to ``floor``, plus the applied (with their ids) and refused ones above it."""
+
+    floor: int = 0
+    applied: dict[int, str] = field(default_factory=dict)
+    refused: set[int] = field(default_factory=set)
+
+
 class DuplicateFilter:
-    """Remembers applied update ids (the most recent ``capacity``) and each site's last applied seq."""
+    """Which updates were applied, exactly, whatever order the broker returns them in.
 
-    def __init__(self, capacity: int = 100_000) -> None:
+    A redelivered update, or a site's resend of one after a lost publisher confirm (same id, same seq), must be
+    told apart from two other things: an update never applied (it goes through as usual, even when the site's
+    newer updates came first) and a new message reusing an applied seq or id (a replay: refused as duplicate).
+    A single "last applied seq" per site cannot do this: after a crash the broker may return seq 128 before the
+    unapplied seq 123, and 123 would be refused. So, per site: a ``floor`` under which every seq is settled
+    (applied, refused, or given up on), and above it the applied seqs (with their ids) and the refused ones. The
+    floor climbs over settled seqs. A seq that never arrives (a gap) holds the floor until ``open_seqs`` seqs above
+    it are settled; then the floor passes it, and an update with that seq arriving later is refused as a duplicate.
+    The bound keeps the checkpoint small (nothing above the floor at all while a site's seqs arrive in order) and is
+    far beyond how far the broker reorders a site's updates (those in flight when a consumer died come back, at
+    most a prefetch window each time). The ids of the last ``capacity`` applied updates are kept as well, so a copy
+    of one at or below the floor is still recognised as a copy.
+
+    It is part of the checkpoint, so "applied" here is "durably applied" for anything acked: an ack happens only
+    in a commit that made this filter durable with the rest of the state (``coordinator.commit``).
+    """
+
+    def __init__(self, capacity: int = 2_000, open_seqs: int = OPEN_SEQS_PER_SITE) -> None:
         self.capacity = capacity
-        self.recent_ids: OrderedDict[str, None] = OrderedDict()
-        self.last_seq: dict[str, int] = {}
+        self.open_seqs = open_seqs
+        self.recent_ids: OrderedDict[str, int | None] = OrderedDict()  # id -> its seq (None: from an older checkpoint)
+        self.sites: dict[str, _SiteSeqs] = {}
 
-    def applied(self, update_id: str) -> bool:
-        """This very update was applied (as opposed to a new one reusing a seq)."""
-        return update_id in self.recent_ids
+    def applied_copy(self, update: ModelUpdate) -> bool:
+        """This very update (same seq and id; the site is checked before, from the login) was applied: a copy of it
+        is a no-op to acknowledge."""
+        if update.update_id in self.recent_ids:
+            seq = self.recent_ids[update.update_id]
+            return seq is None or seq == update.seq
+        site = self.sites.get(update.site_id)
+        return site is not None and site.applied.get(update.seq) == update.update_id
 
     def is_duplicate(self, update: ModelUpdate) -> str | None:
-        if update.update_id in self.recent_ids:
+        """Why ``update`` may not be applied as a new one (a copy of an applied update included), or None."""
+        if self.applied_copy(update):
             return f"update {update.update_id} was already applied"
-        last = self.last_seq.get(update.site_id)
-        if last is not None and update.seq <= last:
-            return f"seq {update.seq} is at or below the site's last applied seq {last}"
+        if update.update_id in self.recent_ids:
+            return f"update id {update.update_id} was applied before with another seq"
+        site = self.sites.get(update.site_id)
+        if site is None:
+            return None
+        if update.seq in site.applied:
+            return f"seq {update.seq} was applied before as update {site.applied[update.seq]}"
+        if update.seq <= site.floor:
+            return f"seq {update.seq} is at or below the site's settled seq {site.floor}"
         return None
 
     def remember(self, update: ModelUpdate) -> None:
-        self.recent_ids[update.update_id] = None
+        """``update`` is applied."""
+        self.recent_ids[update.update_id] = update.seq
         while len(self.recent_ids) > self.capacity:
             self.recent_ids.popitem(last=False)
-        self.last_seq[update.site_id] = max(update.seq, self.last_seq.get(update.site_id, -1))
+        site = self.sites.setdefault(update.site_id, _SiteSeqs())
+        if update.seq > site.floor:
+            site.applied[update.seq] = update.update_id
+            site.refused.discard(update.seq)
+            self._climb(site)
+
+    def settle_refused(self, update: ModelUpdate) -> None:
+        """``update`` was refused for what it holds: its seq is settled (an update reusing it can wait no more)."""
+        site = self.sites.setdefault(update.site_id, _SiteSeqs())
+        if update.seq > site.floor and update.seq not in site.applied:
+            site.refused.add(update.seq)
+            self._climb(site)
+
+    def _climb(self, site: _SiteSeqs) -> None:
+        while True:
+            following = site.floor + 1
+            if following in site.applied:
+                del site.applied[following]
+            elif following in site.refused:
+                site.refused.remove(following)
+            elif len(site.applied) + len(site.refused) > self.open_seqs:
+                site.floor = min(site.applied.keys() | site.refused) - 1
+                continue  # past the gap: the lowest seq settled above it is next
+            else:
+                return
+            site.floor = following
 
     def state_dict(self) -> dict[str, object]:
-        return {"recent_ids": list(self.recent_ids), "last_seq": dict(self.last_seq)}
+        """Flat lists (a checkpoint is written per commit: no per-entry Python objects to build)."""
+        return {
+            "recent_ids": list(self.recent_ids),
+            "recent_seqs": list(self.recent_ids.values()),
+            "sites": {
+                name: {
+                    "floor": site.floor,
+                    "applied_seqs": list(site.applied),
+                    "applied_ids": list(site.applied.values()),
+                    "refused": list(site.refused),
+                }
+                for name, site in self.sites.items()
+            },
+        }
 
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
-        self.recent_ids = OrderedDict((str(update_id), None) for update_id in state["recent_ids"])  # type: ignore[attr-defined]
-        self.last_seq = {str(site): int(seq) for site, seq in state["last_seq"].items()}  # type: ignore[attr-defined]
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Also reads a checkpoint of the older form (ids only, and each site's last applied seq as its floor)."""
+        ids = [str(update_id) for update_id in state["recent_ids"]]
+        seqs = state.get("recent_seqs") or [None] * len(ids)
+        self.recent_ids = OrderedDict(zip(ids, (None if seq is None else int(seq) for seq in seqs), strict=True))
+        if "last_seq" in state:
+            self.sites = {str(name): _SiteSeqs(floor=int(seq)) for name, seq in state["last_seq"].items()}
+            return
+        self.sites = {
+            str(name): _SiteSeqs(
+                floor=int(site["floor"]),
+                applied=dict(zip(map(int, site["applied_seqs"]), map(str, site["applied_ids"]), strict=True)),
+                refused={int(seq) for seq in site["refused"]},
+            )
+            for name, site in state["sites"].items()
+        }
 
 
 def site_from_routing_key(routing_key: str) -> str | None:

@@ -95,7 +95,8 @@ max_message_mb = 0.01
             b.publish(b.update(model).encode())
         wait_for(lambda: a.latest_model().version == 3, 30, "model v3 never arrived")
         current = a.latest_model()
-        a.publish(first.encode())  # duplicate (same update_id)
+        a.publish(first.encode())  # the same update again (a resend): acked as a copy, not refused
+        a.publish(a.update(model_v0, seq=first.seq).encode())  # duplicate: a new update reusing an applied seq
         a.publish(a.update(model_v0).encode())  # stale: 3 > max_staleness 2
         a.publish(b"\x93not an update")  # malformed
         a.publish(bytes(20_000))  # oversized (limit 0.01 MB)
@@ -140,6 +141,8 @@ max_message_mb = 0.01
         # Assert: counts, audit reasons, dead letters with the reason header, model untouched by rejections.
         counts = rejected(coordinator)
         assert counts[("hospital-a", "identity-mismatch")] == 2
+        copies = samples_with(coordinator.metrics(), "fedmq_updates_redelivered_total")
+        assert [(labels["site"], value) for labels, value in copies] == [("hospital-a", 1.0)]
         assert all(counts[key] >= 1 for key in expected)
         records = coordinator.audit_records()
         audited = Counter(r["reason"] for r in records if r["outcome"] == "rejected")
@@ -281,8 +284,13 @@ def test_coordinator_reconnects_after_its_connection_is_cut_and_carries_on(
         wait_for(lambda: coordinator.metrics()["fedmq_model_version"][()] == 2, 60, "no progress after reconnect")
         assert coordinator.process is not None and coordinator.process.poll() is None
         assert "reconnecting" in (tmp_path / "coordinator.log").read_text()
-        accepted = [r["update_id"] for r in coordinator.audit_records() if r["outcome"] == "accepted"]
-        assert len(accepted) == len(set(accepted)) == 2
+
+        # the version's metric moves when the update is applied, its audit record once the commit is durable
+        def accepted() -> list[str]:
+            return [r["update_id"] for r in coordinator.audit_records() if r["outcome"] == "accepted"]
+
+        wait_for(lambda: len(accepted()) >= 2, 30, "the second update was never committed")
+        assert len(accepted()) == len(set(accepted())) == 2
     finally:
         site.close()
         coordinator.stop()

@@ -169,6 +169,27 @@ def test_unacked_delivery_comes_back_redelivered_after_close(
     assert (again.body, again.redelivered) == (b"model v3", True)
 
 
+def test_the_update_queue_counts_each_return_of_an_update_in_its_x_delivery_count_header(
+    broker_env: BrokerEnv, open_transports: Callable[[str], PikaTransport]
+) -> None:
+    # Prepare: the coordinator's fedmq_update_delivery_count_max (and its alert) reads this header of the quorum
+    # queue; the queue's delivery limit must not dead-letter an update that came back a few times
+    site = broker_env.add_site(SITE)
+    open_transports(site.url).publish(Exchange.UPDATES.value, routing_key(SITE, Kind.UPDATE), b"delta", user_id=SITE)
+
+    # Execute: two consumers die holding it, a third acks it
+    counts = []
+    for ack in (False, False, True):
+        transport = open_transports(broker_env.coordinator_url)
+        [delivery] = receive(transport, site_update_queue(SITE), ack=ack)
+        counts.append(delivery.headers.get("x-delivery-count"))
+        transport.close()
+
+    # Assert
+    assert counts == [None, 1, 2]
+    assert broker_env.message_count(site_update_queue(SITE)) == 0
+
+
 @pytest.mark.parametrize(
     ("exchange", "key", "user_id", "reply_code"),
     [

@@ -6,9 +6,11 @@ connection plus a new process built from the same state directory.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,11 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from broker.memory import MemoryBroker, MemoryTransport
-from broker.topology import Exchange, Kind, Queue, routing_key, site_inbox
+from broker.topology import Exchange, Kind, Queue, routing_key, site_inbox, site_update_queue
 from coordinator.audit import read_records, verify_chain
 from coordinator.commit import COMMIT_MAX_DELAY_SECONDS
 from coordinator.config import CoordinatorConfig
+from coordinator.errors import StorageError
 from coordinator.runner import build_coordinator
 from coordinator.service import Coordinator
 from schemas import GlobalModel, ModelUpdate
@@ -139,12 +142,15 @@ def test_a_restarted_coordinator_resumes_version_params_buffer_and_duplicate_mem
     for name, tensor in params_before.items():
         assert torch.equal(second.coordinator.state.params[name], tensor)
     assert GlobalModel.decode(broker.queues[site_inbox("a")].messages[-1].body).version == 1
-    # ... and an applied update and a buffered one, sent again, are both duplicates
+    # ... and an applied update and a buffered one, sent again, are both copies of applied updates (acked, not
+    # applied again), while a new update reusing an applied seq is a duplicate
     publish_update(broker, updates[0])
     publish_update(broker, updates[3])
+    publish_update(broker, replace(updates[3], update_id=ModelUpdate.new_id()))
     second.transport.poll(0)
     second.coordinator.commit()
-    assert rejection_counts(second.registry) == {("a", "duplicate"): 2.0}
+    assert rejection_counts(second.registry) == {("a", "duplicate"): 1.0}
+    assert second.registry.get_sample_value("fedmq_updates_redelivered_total", {"site": "a"}) == 2
     assert second.coordinator.state.version == 1
     assert second.coordinator.strategy.buffered_update_ids() == [updates[3].update_id]
 
@@ -241,6 +247,137 @@ def test_a_crash_between_checkpoint_and_audit_append_is_repaired_on_restart(
     assert rejection_counts(second.registry) == {}
     assert second.registry.get_sample_value("fedmq_updates_redelivered_total", {"site": updates[1].site_id}) == 1
     assert not broker.queues[Queue.DEAD_LETTERS.value].messages
+
+
+def fail_fsync_of(monkeypatch: pytest.MonkeyPatch, part: str) -> None:
+    """The disk fills up under ``part`` of the state dir: every fsync of a file there fails with ENOSPC."""
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        if part in os.readlink(f"/proc/self/fd/{descriptor}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def one_site_updates(count: int, site: str = "a") -> list[ModelUpdate]:
+    """``count`` seeded updates from one site, seq 1..count, all on version 0 (K = 3 keeps them within bounds)."""
+    generator = torch.Generator().manual_seed(11)
+    return [
+        make_update(
+            site,
+            seq=seq,
+            base_version=0,
+            update_delta={
+                "linear.weight": torch.randn(1, 13, generator=generator) * 0.1,
+                "linear.bias": torch.randn(1, generator=generator) * 0.1,
+            },
+            num_examples=20,
+        )
+        for seq in range(1, count + 1)
+    ]
+
+
+def outcomes_by_update(state_dir: Path) -> dict[str, list[str]]:
+    outcomes: dict[str, list[str]] = {}
+    for record in read_records(state_dir / "audit.jsonl"):
+        outcomes.setdefault(str(record["update_id"]), []).append(str(record["outcome"]))
+    return outcomes
+
+
+@pytest.mark.parametrize("failing", ["checkpoint", "audit.jsonl"])
+def test_a_commit_whose_write_fails_acks_nothing_and_the_restart_applies_the_batch_exactly_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    # Prepare: two updates committed; then the disk under the checkpoint (or the audit log) fills up
+    updates = one_site_updates(6)
+    steady_broker = new_broker()
+    steady = start_run(heart_config(tmp_path / "steady"), steady_broker)
+    for update in updates:
+        publish_update(steady_broker, update)
+    steady.transport.poll(0)
+    steady.coordinator.commit()
+    broker = new_broker()
+    config = heart_config(tmp_path / "run")
+    first = start_run(config, broker)
+    for update in updates[:2]:
+        publish_update(broker, update)
+    first.transport.poll(0)
+    first.coordinator.commit()
+    fail_fsync_of(monkeypatch, failing)
+    for update in updates[2:]:
+        publish_update(broker, update)
+
+    # Execute: the commit fails; the process stops (a crash: its connection drops) and a new one starts from disk
+    first.transport.poll(0)
+    with pytest.raises(StorageError, match="No space left"):
+        first.coordinator.commit()
+    unacked_after_failure = len(first.transport.unacked)
+    first.crash()
+    monkeypatch.undo()
+    second = start_run(config, broker)
+    second.transport.poll(0)
+    second.coordinator.commit()
+
+    # Assert: nothing of the failed batch was acked; after the restart every update is applied exactly once (a copy
+    # of one the failed commit's checkpoint did hold is acked as already applied) and the model is the steady one
+    assert unacked_after_failure == 4
+    outcomes = outcomes_by_update(tmp_path / "run")
+    assert set(outcomes) == {update.update_id for update in updates}
+    assert all(outcome.count("accepted") == 1 for outcome in outcomes.values())
+    copies = sum(outcome.count("already-applied") for outcome in outcomes.values())
+    assert copies == (4 if failing == "audit.jsonl" else 0)
+    assert rejection_counts(second.registry) == {}
+    assert second.coordinator.state.version == steady.coordinator.state.version == 2
+    for name, tensor in steady.coordinator.state.params.items():
+        assert torch.equal(second.coordinator.state.params[name], tensor)
+    assert not broker.queued_updates() and not second.transport.unacked
+    assert verify_chain(tmp_path / "run" / "audit.jsonl").ok
+
+
+def test_redeliveries_in_any_order_across_crashes_apply_every_update_exactly_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: seqs 1-3 of one site are handled, but their commit fails: none is durable
+    updates = one_site_updates(5)
+    broker = new_broker()
+    config = heart_config(tmp_path)
+    first = start_run(config, broker)
+    for update in updates[:3]:
+        publish_update(broker, update)
+    fail_fsync_of(monkeypatch, "checkpoint")
+    first.transport.poll(0)
+    with pytest.raises(StorageError):
+        first.coordinator.commit()
+    first.crash()
+    monkeypatch.undo()
+    for update in updates[3:]:
+        publish_update(broker, update)
+    queue = broker.queues[site_update_queue("a")].messages
+    queue.rotate(-1)  # the broker returns the site's newer updates (seq 2-5) before the redelivered seq 1
+
+    # Execute: a restart handles them in that order; then a crash loses every ack of the next run, and the broker
+    # returns all five, newest first, to a third run
+    second = start_run(config, broker)
+    monkeypatch.setattr(second.transport, "ack", lambda delivery: None)
+    second.transport.poll(0)
+    second.coordinator.commit()
+    version_after_second = second.coordinator.state.version
+    second.crash()
+    queue.reverse()
+    third = start_run(config, broker)
+    third.transport.poll(0)
+    third.coordinator.commit()
+
+    # Assert: each update accepted once (seq 1 too, though the site's seq 5 came first), each copy acked as applied
+    outcomes = outcomes_by_update(tmp_path)
+    assert outcomes == {update.update_id: ["accepted", "already-applied"] for update in updates}
+    assert rejection_counts(second.registry) == rejection_counts(third.registry) == {}
+    assert third.registry.get_sample_value("fedmq_updates_redelivered_total", {"site": "a"}) == 5
+    assert third.coordinator.state.version == version_after_second == 1
+    assert third.coordinator.state.accepted_total == 5
+    assert not queue and not broker.queues[Queue.DEAD_LETTERS.value].messages
 
 
 # ----------------------------------------------------------------------------------------------- group commit
@@ -366,3 +503,34 @@ def test_a_round_that_times_out_while_its_batch_gathers_commits_them_together(tm
     assert [(record["outcome"], record["resulting_version"]) for record in federation.audit()] == [("accepted", None)]
     assert len(federation.transport.unacked) == 0
     assert federation.inbox("b").version == 1
+
+
+def test_a_commit_the_disk_has_no_room_for_waits_unacked_and_runs_once_there_is_room(tmp_path: Path) -> None:
+    # Prepare: the state dir's filesystem is full; K = 1, so the update makes a version
+    free = {"bytes": 0}
+    federation = start_federation(tmp_path, fedbuff(buffer_size=1), free_space=lambda path: free["bytes"])
+    arrive(federation, "a")
+
+    # Execute: two turns of the loop with no room, then room
+    poll_and_tick(federation)
+    poll_and_tick(federation)
+    deferred = (
+        len(federation.transport.unacked),
+        federation.audit(),
+        federation.coordinator.checkpoints.load(),
+        federation.inbox("b").version,
+    )
+    free["bytes"] = 10**12
+    poll_and_tick(federation)
+
+    # Assert: not committed (unacked, unaudited, no checkpoint, no new model published) while there was no room,
+    # counted and shown; committed as usual at the first tick with room
+    assert deferred == (1, [], None, 0)
+    assert federation.sample("fedmq_commits_deferred_total") == 2
+    assert (federation.sample("fedmq_commit_bytes") or 0) > 0
+    assert federation.sample("fedmq_state_dir_reserve_bytes") == 64 * 1024 * 1024
+    assert federation.sample("fedmq_state_dir_free_bytes") == 10**12
+    assert len(federation.transport.unacked) == 0
+    assert [record["outcome"] for record in federation.audit()] == ["accepted"]
+    assert federation.inbox("b").version == 1
+    assert (federation.sample("fedmq_checkpoint_bytes") or 0) > 0

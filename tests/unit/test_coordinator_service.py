@@ -6,9 +6,11 @@ person would look: Prometheus samples, the audit log, the dead-letter queue, the
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ from coordinator.aggregation import (
 from coordinator.audit import AuditLog, read_records, verify_chain
 from coordinator.checkpoint import CheckpointStore
 from coordinator.config import CoordinatorConfig, StoppingSettings, ValidationSettings
+from coordinator.errors import StorageError
 from coordinator.evaluation import EvaluationBook
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import Coordinator
@@ -165,6 +168,7 @@ def start_federation(
     validation: ValidationSettings | None = None,
     params: Params | None = None,
     clock: FakeClock | None = None,
+    free_space: Callable[[Path], int] | None = None,
     **config_overrides: Any,
 ) -> Federation:
     """A fresh run of a two-parameter model (w = [1, 2], b = [0.5]) with sites a, b and c declared."""
@@ -189,6 +193,7 @@ def start_federation(
         checkpoints=CheckpointStore(tmp_path / "checkpoint"),
         clock=clock,
         monotonic=clock,
+        **({"free_space": free_space} if free_space is not None else {}),
     )
     broker = MemoryBroker()
     broker.declare(SITES)
@@ -333,10 +338,6 @@ def _one_update_from_a(federation: Federation) -> None:
     federation.send_good("a")
 
 
-def _same_update_again(federation: Federation) -> bytes:
-    return federation.send(federation.sent[-1])
-
-
 def _same_id_higher_seq(federation: Federation) -> bytes:
     return _send_update(federation, "a", update_id=federation.sent[-1].update_id)
 
@@ -391,7 +392,6 @@ REJECTION_CASES = [
     RejectionCase("squares overflow", "norm-too-large", "a", _squares_overflow),
     RejectionCase("NaN beside a huge value", "non-finite", "a", _nan_beside_a_huge_value),
     RejectionCase("stale", "stale", "b", _stale, prepare=_two_versions_from_a, max_staleness=1),
-    RejectionCase("same update_id", "duplicate", "a", _same_update_again, prepare=_one_update_from_a),
     RejectionCase("same id, higher seq", "duplicate", "a", _same_id_higher_seq, prepare=_one_update_from_a),
     RejectionCase("same seq", "duplicate", "a", _same_seq_new_id, prepare=_one_update_from_a),
     RejectionCase("lower seq", "duplicate", "a", _lower_seq_new_id, prepare=_one_update_from_a),
@@ -664,16 +664,20 @@ def test_a_storage_error_is_not_taken_for_a_bad_update(tmp_path: Path, monkeypat
     # Prepare: the disk fails when the checkpoint is written
     federation = start_federation(tmp_path, fedbuff())
 
-    def disk_full(state: Any) -> None:
-        raise OSError(28, "No space left on device")
+    def disk_full(descriptor: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(federation.coordinator.checkpoints, "save", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
 
-    # Execute / Assert: the error reaches the caller (the process stops), and nothing is acked or rejected
-    with pytest.raises(OSError, match="No space left"):
+    # Execute / Assert: a storage error (not an OSError a transport would take for a lost connection) reaches the
+    # caller, so the process stops; nothing is acked, rejected or audited
+    with pytest.raises(StorageError, match="No space left") as raised:
         federation.send_good("a")
+    assert not isinstance(raised.value, OSError)
     assert len(federation.transport.unacked) == 1
     assert federation.rejections() == {}
+    monkeypatch.undo()
+    assert federation.audit() == []
 
 
 def test_updates_arriving_while_the_run_is_finishing_stay_in_the_queue(tmp_path: Path) -> None:
@@ -707,3 +711,56 @@ def test_every_model_carries_the_coordinators_incarnation_and_the_next_start_dra
     assert (on_attach.version, after_update.version) == (0, 1)
     assert on_attach.incarnation == after_update.incarnation == federation.coordinator.incarnation
     assert restarted.inbox("a").incarnation == restarted.coordinator.incarnation > federation.coordinator.incarnation
+
+
+def test_a_resend_after_a_lost_confirm_is_acked_as_a_copy_not_refused(tmp_path: Path) -> None:
+    # Prepare: the site's first copy reached the queue but its confirm was lost, so it sent the same update again
+    # (same id and seq, not flagged redelivered); once in a later batch, once in the same batch
+    federation = start_federation(tmp_path, fedbuff(buffer_size=10))
+    first = federation.send_good("a")
+    second = make_update("a", seq=federation.next_seq("a"), base_version=0)
+
+    # Execute
+    federation.send(first)
+    for _ in range(2):
+        federation.broker.connect("a").publish(
+            Exchange.UPDATES.value, routing_key("a", Kind.UPDATE), second.encode(), user_id="a"
+        )
+    federation.transport.poll(0)
+    federation.coordinator.commit()
+
+    # Assert: applied once each, the copies acked and counted as redeliveries, nothing refused or dead-lettered
+    assert federation.rejections() == {}
+    assert federation.sample("fedmq_updates_redelivered_total", site="a") == 2
+    assert federation.sample("fedmq_updates_applied_total", site="a") == 2
+    assert federation.coordinator.strategy.buffered_update_ids() == [first.update_id, second.update_id]
+    records = federation.audit()
+    assert [(record["update_id"], record["outcome"]) for record in records] == [
+        (first.update_id, "accepted"),
+        (first.update_id, "already-applied"),
+        (second.update_id, "accepted"),
+        (second.update_id, "already-applied"),
+    ]
+    assert "sent again by the site" in records[1]["detail"] and records[1]["redelivered"] is False
+    assert federation.dead_letters() == [] and federation.transport.unacked == {}
+
+
+def test_the_highest_delivery_count_the_broker_reports_is_shown(tmp_path: Path) -> None:
+    # Prepare
+    federation = start_federation(tmp_path, fedbuff(buffer_size=10))
+    update = make_update("a", seq=1, base_version=0)
+
+    # Execute: the quorum queue's header says the update was returned to the queue 7 times
+    federation.broker.connect("a").publish(
+        Exchange.UPDATES.value,
+        routing_key("a", Kind.UPDATE),
+        update.encode(),
+        user_id="a",
+        headers={"x-delivery-count": 7},
+    )
+    federation.transport.poll(0)
+    federation.coordinator.commit()
+
+    # Assert: shown for the operator (and the alert), and handled as usual
+    assert federation.sample("fedmq_update_delivery_count_max") == 7
+    assert federation.sample("fedmq_updates_applied_total", site="a") == 1

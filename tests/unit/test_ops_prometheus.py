@@ -35,6 +35,10 @@ REQUIRED_ALERTS = {
     "FedmqRejectedUpdatesHigh",
     "FedmqStalenessHigh",
     "FedmqCoordinatorDown",
+    "FedmqUpdateReturnedRepeatedly",
+    "FedmqStateDirLowSpace",
+    "FedmqStateDirFillingUp",
+    "FedmqCommitsDeferred",
     "FedmqDeadLetterQueueGrowing",
     "RabbitmqMemoryAlarm",
     "RabbitmqDiskAlarm",
@@ -58,7 +62,7 @@ def test_prometheus_config_and_its_rule_files_are_valid() -> None:
 
     # Assert
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 13 rules found" in result.stdout
 
 
 def scrape_targets(config_path: Path) -> dict[str, list[str]]:

@@ -159,3 +159,14 @@ def test_the_dead_letter_queue_is_bounded_and_keeps_the_newest() -> None:
     assert queue.arguments["x-max-length"] == topology.DEAD_LETTER_MAX_LENGTH
     assert queue.arguments["x-max-length-bytes"] == topology.DEAD_LETTER_MAX_BYTES
     assert queue.arguments["x-overflow"] == "drop-head"
+
+
+def test_the_update_queue_sets_its_delivery_limit_explicitly_and_out_of_reach_of_a_crash_loop() -> None:
+    # Prepare
+    (updates,) = [spec for spec in topology.site_queues("hospital-a") if spec.name == "fedmq.updates.hospital-a"]
+
+    # Assert: explicit (RabbitMQ 3.x has no default limit, 4.x one of 20; 3.x refuses -1), and no restart loop
+    # returns an update a million times, so the broker never dead-letters a valid update for crashes
+    limit = updates.arguments["x-delivery-limit"]
+    assert isinstance(limit, int) and limit >= 1_000_000
+    assert updates.arguments["x-queue-type"] == "quorum"
