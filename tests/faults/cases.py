@@ -180,7 +180,13 @@ def _storage_case(
     mount = SmallMount(state_dir / "checkpoint" if read_only else state_dir, size_mb=64)
     try:
         campaign = Campaign(
-            env, workdir, case=case, pace=settings.pace, restart_delay=settings.restart_delay, state_dir=state_dir
+            env,
+            workdir,
+            case=case,
+            pace=settings.pace,
+            restart_delay=settings.restart_delay,
+            state_dir=state_dir,
+            options=CoordinatorOptions(reserve_mb=1),  # the mount holds 64 MiB: the default reserve would fill it
         )
 
         def fault() -> None:

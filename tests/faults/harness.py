@@ -56,6 +56,7 @@ class CoordinatorOptions:
 
     update_prefetch: int | None = None  # top-level ``update_prefetch``
     buffer_size: int | None = None  # FedBuff's K, ``[strategy] buffer_size``
+    reserve_mb: float | None = None  # ``[storage] reserve_mb``: a small filesystem cannot hold the default 64 MiB
 
 
 def write_coordinator_config(
@@ -71,8 +72,8 @@ def write_coordinator_config(
 
     Always: ``task``, ``sites``, ``state_dir``, ``[broker] url``, ``[metrics] port``, ``[strategy] name`` and
     ``[strategy] max_staleness`` (high: a site cut off for 30 s resends old updates). Only when a case asks
-    (``CoordinatorOptions``): ``update_prefetch`` and ``[strategy] buffer_size``. Every other setting is the
-    coordinator's default.
+    (``CoordinatorOptions``): ``update_prefetch``, ``[strategy] buffer_size`` and ``[storage] reserve_mb``. Every
+    other setting is the coordinator's default.
     """
     strategy: dict[str, Any] = {"name": STRATEGY, "max_staleness": MAX_STALENESS}
     if options.buffer_size is not None:
@@ -81,6 +82,8 @@ def write_coordinator_config(
     if options.update_prefetch is not None:
         tables["update_prefetch"] = options.update_prefetch
     tables |= {"broker": {"url": url}, "metrics": {"port": metrics_port}, "strategy": strategy}
+    if options.reserve_mb is not None:
+        tables["storage"] = {"reserve_mb": options.reserve_mb}
     path.write_text(tomli_w.dumps(tables))
     return path
 
