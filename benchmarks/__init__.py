@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from benchmarks import codec, scale, straggler, throughput, wire
+from benchmarks import codec, faults, scale, straggler, throughput, wire
 
 # The checkout holding this folder: child processes (coordinators, agents, the Flower side) import the benchmarks'
 # own tasks by dotted path (benchmarks.synthetic:SyntheticTask), so they get it on their PYTHONPATH.
@@ -42,6 +42,7 @@ BENCHMARKS: Mapping[str, Benchmark] = MappingProxyType(
         "throughput": Benchmark(help=throughput.HELP, add_arguments=throughput.add_arguments, run=throughput.run),
         "scale": Benchmark(help=scale.HELP, add_arguments=scale.add_arguments, run=scale.run),
         "wire": Benchmark(help=wire.HELP, add_arguments=wire.add_arguments, run=wire.run),
+        "faults": Benchmark(help=faults.HELP, add_arguments=faults.add_arguments, run=faults.run),
     }
 )
 

@@ -12,15 +12,46 @@ import argparse
 import logging
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.faults.cases import CASES_ON_SHARED_NODE, CASES_WITH_OWN_NODE, CampaignSettings, private_node
 from tests.faults.figures import CampaignFigures, markdown_table
 from tests.faults.tools import MountUnavailable
 
+CASE_NAMES = (*CASES_ON_SHARED_NODE, *CASES_WITH_OWN_NODE)
+
+
+def run_campaign(
+    selected: Sequence[str], settings: CampaignSettings, workdir: Path | None = None
+) -> list[CampaignFigures]:
+    """Run the ``selected`` cases on a node of their own, one fresh vhost each; a storage case that cannot mount
+    (not root) is reported and left out."""
+    from tests.integration.conftest import open_broker_env
+
+    rows: list[CampaignFigures] = []
+    with tempfile.TemporaryDirectory(prefix="fedmq-faults-") as temporary:
+        root = (workdir or Path(temporary)).resolve()
+        with private_node(root / "node") as node:
+            for name in selected:
+                case_dir = root / name
+                case_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    if name in CASES_WITH_OWN_NODE:
+                        figures = CASES_WITH_OWN_NODE[name](case_dir, settings)
+                    else:
+                        with open_broker_env(node, case_dir / "env") as env:
+                            figures = CASES_ON_SHARED_NODE[name](env, case_dir, settings)
+                except MountUnavailable as exc:
+                    print(f"{name}: skipped ({exc})", flush=True)
+                    continue
+                rows.append(figures)
+                print(figures.summary(), flush=True)
+    return rows
+
 
 def main(argv: list[str] | None = None) -> int:
-    names = [*CASES_ON_SHARED_NODE, *CASES_WITH_OWN_NODE]
+    names = list(CASE_NAMES)
     parser = argparse.ArgumentParser(prog="python -m tests.faults", description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*", metavar="CASE", help=f"cases to run (default: all): {', '.join(names)}")
     parser.add_argument("--full", action="store_true", help="the long campaign (30 s cuts, 20 s alarm, ...)")
@@ -34,26 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # the faults make pika log every reset it sees
     settings = CampaignSettings.full() if arguments.full else CampaignSettings.short()
     selected = arguments.cases or names
-    rows: list[CampaignFigures] = []
-    from tests.integration.conftest import open_broker_env
-
-    with tempfile.TemporaryDirectory(prefix="fedmq-faults-") as temporary:
-        workdir = (arguments.workdir or Path(temporary)).resolve()
-        with private_node(workdir / "node") as node:
-            for name in selected:
-                case_dir = workdir / name
-                case_dir.mkdir(parents=True, exist_ok=True)
-                try:
-                    if name in CASES_WITH_OWN_NODE:
-                        figures = CASES_WITH_OWN_NODE[name](case_dir, settings)
-                    else:
-                        with open_broker_env(node, case_dir / "env") as env:
-                            figures = CASES_ON_SHARED_NODE[name](env, case_dir, settings)
-                except MountUnavailable as exc:
-                    print(f"{name}: skipped ({exc})", flush=True)
-                    continue
-                rows.append(figures)
-                print(figures.summary(), flush=True)
+    rows = run_campaign(selected, settings, arguments.workdir)
     table = markdown_table(rows)
     print(table)
     if arguments.table:

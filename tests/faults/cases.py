@@ -114,7 +114,11 @@ def coordinator_crash_loop(env: BrokerEnv, workdir: Path, settings: CampaignSett
         restart_delay=settings.restart_delay,
         options=CoordinatorOptions(update_prefetch=100, buffer_size=50),
     )
-    return _run(campaign, lambda: crash_loop(campaign.supervisor, settings.crash_loop_kills))
+
+    def fault() -> None:
+        crash_loop(campaign.supervisor, settings.crash_loop_kills)
+
+    return _run(campaign, fault)
 
 
 def site_connection_cut(env: BrokerEnv, workdir: Path, settings: CampaignSettings) -> CampaignFigures:

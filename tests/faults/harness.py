@@ -70,10 +70,10 @@ def write_coordinator_config(
 ) -> Path:
     """The one place the campaign writes coordinator.toml.
 
-    Always: ``task``, ``sites``, ``state_dir``, ``[broker] url``, ``[metrics] port``, ``[strategy] name`` and
-    ``[strategy] max_staleness`` (high: a site cut off for 30 s resends old updates). Only when a case asks
-    (``CoordinatorOptions``): ``update_prefetch``, ``[strategy] buffer_size`` and ``[storage] reserve_mb``. Every
-    other setting is the coordinator's default.
+    Always: ``task``, ``sites``, ``state_dir``, ``[broker] url``, ``[metrics] port``, ``[strategy] name``,
+    ``[strategy] max_staleness`` (high: a site cut off for 30 s resends old updates) and ``[signing] required =
+    false``. Only when a case asks (``CoordinatorOptions``): ``update_prefetch``, ``[strategy] buffer_size`` and
+    ``[storage] reserve_mb``. Every other setting is the coordinator's default.
     """
     strategy: dict[str, Any] = {"name": STRATEGY, "max_staleness": MAX_STALENESS}
     if options.buffer_size is not None:
@@ -82,6 +82,8 @@ def write_coordinator_config(
     if options.update_prefetch is not None:
         tables["update_prefetch"] = options.update_prefetch
     tables |= {"broker": {"url": url}, "metrics": {"port": metrics_port}, "strategy": strategy}
+    # The scripted sites send unsigned updates: the campaign is about durability (signatures: tests/*/test_signing.py)
+    tables["signing"] = {"required": False}
     if options.reserve_mb is not None:
         tables["storage"] = {"reserve_mb": options.reserve_mb}
     path.write_text(tomli_w.dumps(tables))
