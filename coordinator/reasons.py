@@ -20,6 +20,7 @@ class Reason(str, Enum):
     NORM_TOO_LARGE = "norm-too-large"
     STALE = "stale"
     DUPLICATE = "duplicate"
+    NUM_EXAMPLES_TOO_LARGE = "num-examples-too-large"  # above the site's cap, with num_examples_above_cap = "reject"
     # refused by a strategy (Strategy.check)
     SITE_SHARE = "site-share"
     WRONG_ROUND = "wrong-round"
