@@ -15,6 +15,7 @@ import torch
 from broker.pika_transport import ConnectionSettings, PikaTransport, run_reconnecting
 from broker.transport import ConsumeRefused, TransportConnectionError
 from site_agent.agent import LocalTrainer, SiteAgent, UpdateCounter
+from site_agent.attacks import Attack
 from site_agent.config import SiteConfig
 from tasks.registry import task_from_options
 
@@ -36,8 +37,15 @@ def build_agent(config: SiteConfig) -> SiteAgent:
     )
     trainer = LocalTrainer(config.site_id, task, data, seed=config.agent.seed, slowdown=config.agent.slowdown)
     counter = UpdateCounter(config.state_dir / f"{config.site_id}.agent-state.json")
+    attack = Attack.parse(config.agent.attack) if config.agent.attack else None
+    if attack is not None:
+        log.warning("site %s runs as a POISONING ATTACKER (%s): a test and demo facility", config.site_id, attack)
     return SiteAgent(
-        trainer, counter, heartbeat_seconds=config.agent.heartbeat_seconds, compression=config.agent.compression
+        trainer,
+        counter,
+        heartbeat_seconds=config.agent.heartbeat_seconds,
+        compression=config.agent.compression,
+        attack=attack,
     )
 
 
