@@ -232,12 +232,21 @@ class FedBuffSettings(ConfigTable):
     trim_fraction: float = Field(
         0.2, ge=0, lt=0.5, description="trimmed-mean: drop floor(fraction * K) values at each end, per coordinate."
     )
+    min_agreement: float = Field(
+        -1.0,
+        ge=-1,
+        le=1,
+        description="mean: leave out of the mean a delta whose cosine to the buffer's coordinate-wise median is "
+        "below this (-1: off; keeps K deltas, not one sum).",
+    )
     staleness: Staleness = Field(PolynomialStaleness(), description="Weight of a stale update.")
     server_optimizer: ServerOptimizerSettings = Field(SgdOptimizer(), description="The server step.")
     robust: RobustSettings = Field(RobustSettings(), description="[strategy.robust]: clipping, anomaly score.")
 
     @model_validator(mode="after")
     def _unweighted_robust_aggregators(self) -> FedBuffSettings:
+        if self.aggregator != "mean" and self.min_agreement > -1:
+            raise ValueError(f"min_agreement filters the mean; aggregator {self.aggregator!r} takes none")
         if self.aggregator != "mean" and self.example_weighted:
             raise ValueError(
                 f'aggregator {self.aggregator!r} is unweighted; example_weighted = true needs aggregator = "mean"'

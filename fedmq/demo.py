@@ -62,6 +62,9 @@ STRATEGY_TABLES: dict[str, dict[str, Any]] = {
 ROBUST_KEYS = ("robust", "aggregator", "trim_fraction")
 NON_ROBUST_FEDBUFF: dict[str, Any] = {"max_site_share": 1.0, "example_weighted": True}  # what the demo ran before
 UNBOUNDED_NUM_EXAMPLES = 2**63 - 1
+# What each hospital registered with the consortium (its training rows, FLamby's split): the bound on its
+# num_examples claim, as an operator would provision it.
+REGISTERED_TRAINING_PATIENTS = {"cleveland": 199, "hungary": 172, "switzerland": 30, "long-beach": 85}
 DEFAULT_VERSIONS = {"fedbuff": 60, "fedasync": 60, "fedavg-sync": 15}
 BROKER_PORT_OPTIONS = ("amqp", "dist", "management", "prometheus")  # passed on to `fedmq broker up --X-port`
 
@@ -269,7 +272,9 @@ def coordinator_toml(options: DemoOptions, broker_url: str, metrics_port: int) -
         "stopping": {"max_versions": versions, "max_seconds": options.max_seconds, "final_eval_timeout_seconds": 60},
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
     }
-    if not options.robust:
+    if options.robust:
+        tables["validation"] = {"site_max_num_examples": dict(REGISTERED_TRAINING_PATIENTS)}
+    else:
         tables["validation"] = {"max_num_examples": UNBOUNDED_NUM_EXAMPLES}
     return "# written by `fedmq demo`\n" + tomli_w.dumps(tables)
 

@@ -47,6 +47,7 @@ def build_strategy(settings: StrategySettings, sites: Iterable[str]) -> Strategy
             example_weighted=settings.example_weighted,
             aggregator=settings.aggregator,
             trim_fraction=settings.trim_fraction,
+            min_agreement=settings.min_agreement,
             screen=update_screen(settings.robust),
         )
     return SyncFedAvg(

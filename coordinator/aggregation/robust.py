@@ -118,6 +118,36 @@ def robust_mean(deltas: Sequence[Mapping[str, torch.Tensor]], aggregator: str, t
     raise AggregationError(f"unknown aggregator {aggregator!r}; choose one of {AGGREGATORS}")
 
 
+def agreeing_mean(
+    deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], min_agreement: float
+) -> tuple[Params, list[int]]:
+    """The weighted mean of the deltas that agree with the buffer's coordinate-wise median, and which they are.
+
+    A delta agrees when its cosine to the median is at least ``min_agreement`` (a zero delta or median: it
+    agrees). The median of K deltas from K different sites is pulled by an attacker no further than the
+    honest values around it, so a delta pointing against it is the odd one out; the rest keep their weights
+    (their example counts, say). When none agrees the median itself is the step.
+    """
+    if len(deltas) != len(weights) or not deltas:
+        raise AggregationError("agreeing_mean needs one weight per delta, and at least one delta")
+    centre = coordinate_median(deltas)
+    kept = []
+    for index, delta in enumerate(deltas):
+        agreement = cosine_similarity(delta, centre)
+        if agreement is None or agreement >= min_agreement:
+            kept.append(index)
+    total = sum(weights[index] for index in kept)
+    if not kept or not total > 0:
+        return centre, kept
+    result: Params = {}
+    for name, tensor in centre.items():
+        value = torch.zeros_like(tensor)
+        for index in kept:
+            value = value + deltas[index][name].detach().to(tensor.dtype) * (weights[index] / total)
+        result[name] = value
+    return result, kept
+
+
 def cosine_similarity(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> float | None:
     """Cosine of the angle between two deltas (floating-point tensors only); None when either is zero."""
     dot = first_squares = second_squares = 0.0

@@ -14,6 +14,7 @@ from coordinator.aggregation.robust import (
     AdaptiveClip,
     AnomalyTracker,
     UpdateScreen,
+    agreeing_mean,
     coordinate_median,
     cosine_similarity,
     trimmed_count,
@@ -62,6 +63,27 @@ def test_trimmed_mean_drops_floor_fraction_times_k_at_each_end() -> None:
         0,
         1,
     ]
+
+
+def test_agreeing_mean_leaves_out_a_delta_against_the_median_and_keeps_the_others_weights() -> None:
+    # median per coordinate: x of (1, 2, -10) is 1, y of (1, 0, -10) is 0 -> (1, 0); cosines 0.71, 1, -0.71
+    mean, kept = agreeing_mean([w(1, 1), w(2, 0), w(-10, -10)], [1.0, 3.0, 100.0], 0.0)
+
+    assert kept == [0, 1]
+    assert mean["w"].tolist() == pytest.approx([7 / 4, 1 / 4])  # (1 * (1, 1) + 3 * (2, 0)) / 4
+
+
+def test_fedbuff_min_agreement_filters_the_example_weighted_mean() -> None:
+    strategy = FedBuff(buffer_size=3, staleness=StalenessFunction("constant"), example_weighted=True, min_agreement=0.0)
+    params = w(0, 0)
+
+    strategy.add(params, 0, contribution("a", (1, 1), num_examples=1), params)
+    strategy.add(params, 0, contribution("b", (2, 0), num_examples=3), params)
+    result = strategy.add(params, 0, contribution("c", (-10, -10), num_examples=100), params)
+
+    assert result is not None and result["w"].tolist() == pytest.approx([7 / 4, 1 / 4])
+    with pytest.raises(AggregationError, match="min_agreement"):
+        FedBuff(aggregator="median", min_agreement=0.0)
 
 
 def test_cosine_similarity_of_two_deltas() -> None:
@@ -157,16 +179,20 @@ def test_site_share_gives_floor_share_times_k_places_and_at_least_one(
         assert refused is not None and refused.value == "site-share"
 
 
-def test_fedbuff_median_resumes_mid_buffer_from_its_checkpoint() -> None:
+@pytest.mark.parametrize(
+    "options",
+    [{"aggregator": "median"}, {"aggregator": "mean", "min_agreement": 0.0, "example_weighted": True}],
+)
+def test_fedbuff_robust_buffers_resume_mid_buffer_from_their_checkpoint(options: dict[str, object]) -> None:
     def fresh() -> FedBuff:
         screen = UpdateScreen(clip=AdaptiveClip(multiplier=2.0, window=4, min_norms=1), anomaly=AnomalyTracker())
-        return FedBuff(buffer_size=3, aggregator="median", screen=screen)
+        return FedBuff(buffer_size=3, screen=screen, **options)  # type: ignore[arg-type]
 
     params = w(0, 0)
     uninterrupted, interrupted = fresh(), fresh()
     for strategy in (uninterrupted, interrupted):
-        strategy.take(params, 0, contribution("a", (1, 1)), params)
-        strategy.take(params, 0, contribution("b", (2, 0)), params)
+        strategy.take(params, 0, contribution("a", (1, 1), num_examples=2), params)
+        strategy.take(params, 0, contribution("b", (2, 0), num_examples=5), params)
     resumed = fresh()
     resumed.load_state_dict(interrupted.state_dict())
 
