@@ -28,8 +28,8 @@
 
 Rejection reasons: unknown-site, identity-mismatch, oversized, malformed, wrong-shape, non-finite,
 norm-too-large, stale, duplicate, num-examples-too-large (checked by the coordinator); site-share, wrong-round,
-already-in-round, no-examples (refused by the strategy); internal-error (an unexpected exception while handling
-the update: a bug in the coordinator, the update is dead-lettered and the log holds the traceback).
+already-in-round, no-examples, anomalous (refused by the strategy); internal-error (an unexpected exception while
+handling the update: a bug in the coordinator, the update is dead-lettered and the log holds the traceback).
 """
 
 from __future__ import annotations

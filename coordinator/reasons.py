@@ -26,5 +26,6 @@ class Reason(str, Enum):
     WRONG_ROUND = "wrong-round"
     ALREADY_IN_ROUND = "already-in-round"
     NO_EXAMPLES = "no-examples"
+    ANOMALOUS = "anomalous"  # points against the recent updates ([strategy.robust] min_anomaly_score)
     # an unexpected exception while handling the update (the handler's guard): a bug, not the site's doing
     INTERNAL_ERROR = "internal-error"

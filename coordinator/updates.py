@@ -143,7 +143,7 @@ class UpdateHandler:
                 delta=self._as_model_dtypes(checked.update.delta),
                 norm=checked.norm,
             )
-            refusal = self.strategy.check(contribution, self.state.version)
+            refusal = self.strategy.admit(contribution, self.state.version)
             if refusal is None:
                 if label in self.rules.known_sites:
                     self.heard_from(label, now)

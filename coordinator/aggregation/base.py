@@ -44,7 +44,8 @@ class Contribution:
 class Strategy(ABC):
     """How accepted updates become global versions. One instance per run, called from one thread.
 
-    The service calls :meth:`check`, then :meth:`add` for an accepted update, and :meth:`flush` on every timer
+    The service calls :meth:`admit` (:meth:`check` and the screen's gate), then :meth:`take` (the screen, then
+    :meth:`add`) for an accepted update, and :meth:`flush` on every timer
     tick. Before either call it reads :meth:`buffered_update_ids`: when the call returns parameters, the new
     version holds exactly those ids (plus the added one), which the audit log records. What else the service
     needs to know (``keeps_base_history``, ``trains_on_same_version``, ``capacity``, the sites) it asks here; it
@@ -53,6 +54,7 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     screen: UpdateScreen | None = None  # clipping and anomaly scoring, set by a strategy's constructor
+    _admitted: tuple[Contribution, Screened] | None = None  # the update admit() screened, for take()
 
     @property
     def keeps_base_history(self) -> bool:
@@ -86,6 +88,22 @@ class Strategy(ABC):
         All or nothing: either the update is taken, or the call raises and leaves the strategy as it was (the
         service then rejects the update as ``internal-error`` and keeps serving)."""
 
+    def admit(self, contribution: Contribution, version: int) -> Reason | None:
+        """What the service asks of an update: :meth:`check`, then the screen's anomaly gate (``anomalous``).
+
+        A refusal by the gate is remembered by the screen (the update's direction joins its reference); the
+        screening is kept for :meth:`take` of the same update, so it is computed once."""
+        reason = self.check(contribution, version)
+        if reason is not None or self.screen is None:
+            return reason
+        screened = self.screen.screen(contribution.delta, contribution.norm)
+        if self.screen.refuses(screened):
+            self.screen.record_refused(screened)
+            self._admitted = None
+            return Reason.ANOMALOUS
+        self._admitted = (contribution, screened)
+        return None
+
     def take(self, global_params: Params, version: int, contribution: Contribution, base_params: Params) -> Taken:
         """What the service calls for an accepted update: the robust screen (clip to the adaptive bound, score
         against recent updates), then :meth:`add` with the clipped delta; the screen remembers the update only
@@ -93,7 +111,12 @@ class Strategy(ABC):
         if self.screen is None:
             new_params = self.add(global_params, version, contribution, base_params)
             return Taken(new_params, Screening(norm=contribution.norm))
-        screened: Screened = self.screen.screen(contribution.delta, contribution.norm)
+        admitted, self._admitted = self._admitted, None
+        screened: Screened = (
+            admitted[1]
+            if admitted is not None and admitted[0] is contribution
+            else self.screen.screen(contribution.delta, contribution.norm)
+        )
         clipped = contribution if screened.screening.clip_factor == 1.0 else replace(contribution, delta=screened.delta)
         new_params = self.add(global_params, version, clipped, base_params)
         self.screen.record(screened)

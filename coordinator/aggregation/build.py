@@ -74,7 +74,8 @@ def update_screen(settings: RobustSettings) -> UpdateScreen | None:
         else None
     )
     anomaly = AnomalyTracker(decay=settings.anomaly_decay) if settings.anomaly_score else None
-    return UpdateScreen(clip=clip, anomaly=anomaly)
+    gate = settings.min_anomaly_score if settings.anomaly_score and settings.min_anomaly_score > -1 else None
+    return UpdateScreen(clip=clip, anomaly=anomaly, min_anomaly_score=gate)
 
 
 def server_optimizer(settings: ServerOptimizerSettings) -> ServerOptimizer:

@@ -14,7 +14,8 @@ on a stream (BASGD, Yang & Li 2021: buffered asynchronous SGD with robust aggreg
 - **An anomaly score** (:class:`AnomalyTracker`): the cosine similarity of an update to a running mean of the unit
   directions of recent accepted updates (``reference <- (1 - decay) reference + decay * delta / |delta|``). Unit
   directions, so a large update does not make itself the reference. Honest sites score well above 0; a
-  sign-flipped update scores below 0. The score is measured, exported and alerted on; it does not weight updates.
+  sign-flipped update scores below 0. The score is exported and alerted on; with a gate (``min_anomaly_score``)
+  an update scoring below it is refused (``UpdateScreen``).
 
 The state of both stateful pieces goes into the strategy's checkpoint (``state_dict`` / ``load_state_dict``).
 """
@@ -302,11 +303,48 @@ class Screened:
 
 
 class UpdateScreen:
-    """Clipping and anomaly scoring of a strategy's incoming updates; either may be off (None)."""
+    """Clipping and anomaly scoring of a strategy's incoming updates; either may be off (None).
 
-    def __init__(self, *, clip: AdaptiveClip | None = None, anomaly: AnomalyTracker | None = None) -> None:
+    With ``min_anomaly_score`` (None: off), an update scoring below it is refused as ``anomalous`` once the
+    reference has seen ``gate_after`` updates. A refused update's direction still joins the reference (its
+    clipped norm does not join the clipping window), so a reference that started from an attacker's update is
+    pulled back to the honest majority's within a few updates instead of refusing them for ever.
+    """
+
+    def __init__(
+        self,
+        *,
+        clip: AdaptiveClip | None = None,
+        anomaly: AnomalyTracker | None = None,
+        min_anomaly_score: float | None = None,
+        gate_after: int = 4,
+    ) -> None:
+        if min_anomaly_score is not None and anomaly is None:
+            raise AggregationError("min_anomaly_score needs the anomaly score")
+        if min_anomaly_score is not None and not -1.0 <= min_anomaly_score <= 1.0:
+            raise AggregationError(f"min_anomaly_score must be in [-1, 1], got {min_anomaly_score}")
         self.clip = clip
         self.anomaly = anomaly
+        self.min_anomaly_score = min_anomaly_score
+        self.gate_after = gate_after
+        self.seen = 0  # updates whose direction joined the reference
+
+    def refuses(self, screened: Screened) -> bool:
+        """Pure: whether the gate refuses this screened update."""
+        score = screened.screening.anomaly_score
+        return (
+            self.min_anomaly_score is not None
+            and score is not None
+            and self.seen >= self.gate_after
+            and score < self.min_anomaly_score
+        )
+
+    def record_refused(self, screened: Screened) -> None:
+        """A refused update's direction joins the reference (see the class docstring)."""
+        norm = screened.screening.norm
+        if self.anomaly is not None and norm is not None:
+            self.anomaly.record(screened.delta, norm * screened.screening.clip_factor)
+            self.seen += 1
 
     def screen(self, delta: Mapping[str, torch.Tensor], norm: float | None) -> Screened:
         """Pure: the (clipped) delta and its screening; nothing is remembered until :meth:`record`."""
@@ -333,16 +371,20 @@ class UpdateScreen:
             self.clip.record(screened.decision)
         if self.anomaly is not None:
             self.anomaly.record(screened.delta, norm * screened.screening.clip_factor)
+            self.seen += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "clip": None if self.clip is None else self.clip.state_dict(),
             "anomaly": None if self.anomaly is None else self.anomaly.state_dict(),
+            "seen": self.seen,
         }
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         """A checkpoint from before the robust options (None, or a part missing) starts that part afresh."""
         state = state or {}
+        seen = state.get("seen", 0)
+        self.seen = seen if isinstance(seen, int) and not isinstance(seen, bool) and seen >= 0 else 0
         if self.clip is not None and isinstance(state.get("clip"), Mapping):
             self.clip.load_state_dict(state["clip"])
         if self.anomaly is not None and isinstance(state.get("anomaly"), Mapping):

@@ -223,6 +223,21 @@ def test_take_clips_to_the_adaptive_bound_and_scores_the_update() -> None:
     assert second.screening.anomaly_score == pytest.approx(-0.8)  # cos((0, -1), (3, 4) / 5)
 
 
+def test_the_anomaly_gate_refuses_an_update_against_the_reference_and_still_learns_its_direction() -> None:
+    screen = UpdateScreen(anomaly=AnomalyTracker(decay=0.2), min_anomaly_score=0.0, gate_after=1)
+    strategy = FedAsync(alpha=1.0, staleness=StalenessFunction("constant"), screen=screen)
+    params = w(0, 0)
+
+    assert strategy.admit(contribution("a", (1, 0)), 0) is None
+    strategy.take(params, 0, contribution("a", (1, 0)), params)
+    refused = strategy.admit(contribution("b", (-1, 0)), 1)
+    sideways = strategy.admit(contribution("c", (0, 1)), 1)  # cosine 0 to (0.6, 0): not below the gate
+
+    assert refused is not None and refused.value == "anomalous"
+    assert screen.anomaly is not None and screen.anomaly.reference["w"].tolist() == pytest.approx([0.6, 0.0])
+    assert sideways is None
+
+
 def test_take_without_a_screen_is_add_exactly() -> None:
     plain = FedAsync(alpha=0.5)
     params = w(1, 1)
