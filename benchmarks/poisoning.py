@@ -245,8 +245,10 @@ def format_report(
         f"{args.versions} versions, {args.local_steps} local steps); {args.attacker}'s agent is the attacker "
         "(`[agent] attack`, `site_agent/attacks.py`), with its own credentials and the same broker permissions. "
         f"Robust on: the demo's table `{json.dumps(STRATEGY_TABLES['fedbuff'])}` with the coordinator's default "
-        "`[strategy.robust]` and `[validation]` (clipping to 3 x the median recent norm, num_examples capped at "
-        f"1,000,000). Robust off: `{json.dumps(without_robust_options('fedbuff'))}`, num_examples unbounded. "
+        "`[strategy.robust]` (clipping to 3 x the median recent norm, the share cap at floor(0.67 x 3) = 2 places) "
+        "and each hospital's num_examples claim capped at its registered training patients "
+        "(`[validation] site_max_num_examples`). "
+        f"Robust off: `{json.dumps(without_robust_options('fedbuff'))}`, num_examples unbounded. "
         f"Pooled = FLamby's pooled test accuracy of the final model; drop = clean minus attacked, same mode and "
         f"seed, in accuracy points; medians over seeds {', '.join(map(str, seeds))}. The anomaly score is the mean "
         "cosine of accepted updates to the recent ones (`fedmq_update_anomaly_score`).",
@@ -255,7 +257,16 @@ def format_report(
         "",
         f"Worst drop with the defaults: {points(worst)} points ({worst_attack}).",
     ]
-    if "flood:50" in attacks or any(attack.startswith("flood") for attack in attacks):
+    lines += [
+        "",
+        "Clipping bounds what an update's size can do (scale, sign flip x100), the caps what a claim can do "
+        "(inflated num_examples, a flood's extra places). A sign flip or noise at the honest norm passes every bound "
+        "by construction; on four non-IID hospitals the honest updates near the federated optimum pull against each "
+        "other, so the buffer's median and a cosine test against it do not single the attacker out, and with "
+        "example weighting the largest hospital holds 41% of the weight. The anomaly score does separate it "
+        "(column above): it is exported and alerted on.",
+    ]
+    if any(attack.startswith("flood") for attack in attacks):
         lines += [
             "",
             "Flood: the attacker sends each update many times, each a valid new update. What bounds it here is the "
