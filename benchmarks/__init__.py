@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-from benchmarks import codec, faults, scale, straggler, throughput, wire
+from benchmarks import codec, faults, poisoning, scale, straggler, throughput, wire
 
 # The checkout holding this folder: child processes (coordinators, agents, the Flower side) import the benchmarks'
 # own tasks by dotted path (benchmarks.synthetic:SyntheticTask), so they get it on their PYTHONPATH.
@@ -38,6 +38,7 @@ class Benchmark:
 BENCHMARKS: Mapping[str, Benchmark] = MappingProxyType(
     {
         "codec": Benchmark(help=codec.HELP, add_arguments=codec.add_arguments, run=codec.run),
+        "poisoning": Benchmark(help=poisoning.HELP, add_arguments=poisoning.add_arguments, run=poisoning.run),
         "straggler": Benchmark(help=straggler.HELP, add_arguments=straggler.add_arguments, run=straggler.run),
         "throughput": Benchmark(help=throughput.HELP, add_arguments=throughput.add_arguments, run=throughput.run),
         "scale": Benchmark(help=scale.HELP, add_arguments=scale.add_arguments, run=scale.run),

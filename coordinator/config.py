@@ -172,6 +172,50 @@ ServerOptimizerSettings = Annotated[
 """``[strategy.server_optimizer]``: turns the mean delta into a step (FedBuff, fedavg-sync)."""
 
 
+# ---------------------------------------------------------------------------------------------- robust options
+
+
+class RobustSettings(ConfigTable):
+    """``[strategy.robust]``: defences against one misbehaving site, applied to every accepted update (any strategy).
+
+    Clipping scales an update down to ``clip_multiplier`` times the median L2 norm of the last ``clip_window``
+    accepted updates (their norms after clipping); until ``clip_min_norms`` norms were seen the bound is
+    ``clip_warmup_norm`` (0: none beyond ``[validation] max_update_norm``). The anomaly score is the cosine of an
+    update to a decaying mean of recent accepted update directions, exported as ``fedmq_update_anomaly_score``;
+    an update scoring below ``min_anomaly_score`` is refused as ``anomalous`` (its direction still joins the
+    reference, so a reference that began with an attacker's update returns to the majority's).
+    """
+
+    clip: bool = Field(True, description="Clip each update to the adaptive norm bound.")
+    clip_multiplier: float = Field(
+        3.0, ge=1, le=1000, description="The bound is this many times the median recent norm."
+    )
+    clip_window: int = Field(50, ge=1, le=100_000, description="Accepted updates whose norms the median is over.")
+    clip_min_norms: int = Field(3, ge=1, description="Norms needed before the adaptive bound applies (warm-up).")
+    clip_warmup_norm: float = Field(
+        0.0, ge=0, description="Bound during the warm-up (0: none beyond [validation] max_update_norm)."
+    )
+    anomaly_score: bool = Field(True, description="Score each update against recent ones (a metric, not a weight).")
+    anomaly_decay: float = Field(
+        0.2, gt=0, le=1, description="Weight of each new update direction in the reference the score compares to."
+    )
+    # Off by default: on the four heart-disease hospitals it refused honest updates (clean pooled accuracy
+    # 0.764 -> 0.728) and did not stop a sign flip (docs/BENCHMARKS.md, poisoning).
+    min_anomaly_score: float = Field(
+        -1.0,
+        ge=-1,
+        le=1,
+        description="Refuse an update (reason anomalous) whose anomaly score is below this, once the reference has "
+        "seen 4 updates (-1: never refuse; ignored when anomaly_score = false).",
+    )
+
+    @model_validator(mode="after")
+    def _warm_up_within_the_window(self) -> RobustSettings:
+        if self.clip_min_norms > self.clip_window:
+            raise ValueError(f"clip_min_norms ({self.clip_min_norms}) must be <= clip_window ({self.clip_window})")
+        return self
+
+
 # ---------------------------------------------------------------------------------------------- strategies
 
 _MAX_STALENESS = "Updates trained on a model more than this many versions old are refused as too stale."
@@ -184,6 +228,7 @@ class FedAsyncSettings(ConfigTable):
     max_staleness: int = Field(20, ge=0, description=_MAX_STALENESS)
     alpha: float = Field(0.6, gt=0, le=1, description="Mixing weight of a fresh update.")
     staleness: Staleness = Field(PolynomialStaleness(), description="Weight of a stale update.")
+    robust: RobustSettings = Field(RobustSettings(), description="[strategy.robust]: clipping, anomaly score.")
 
 
 class FedBuffSettings(ConfigTable):
@@ -193,11 +238,39 @@ class FedBuffSettings(ConfigTable):
     max_staleness: int = Field(20, ge=0, description=_MAX_STALENESS)
     buffer_size: int = Field(10, ge=1, description="K: updates per version.")
     max_site_share: float = Field(
-        1.0, gt=0, le=1, description="Share of the buffer one site may hold (ceil(share * K) places)."
+        1.0, gt=0, le=1, description="Share of the buffer one site may hold (max(1, floor(share * K)) places)."
     )
-    example_weighted: bool = Field(False, description="Weight each delta by its site's example count too.")
+    example_weighted: bool = Field(
+        False, description="Weight each delta by its site's example count too (mean only: a claimed count)."
+    )
+    aggregator: Literal["mean", "median", "trimmed-mean"] = Field(
+        "mean",
+        description="How the K buffered deltas combine: the paper's mean, or the coordinate-wise median or trimmed "
+        "mean (unweighted: each delta counts once; they keep K deltas, not one sum).",
+    )
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="trimmed-mean: drop floor(fraction * K) values at each end, per coordinate."
+    )
+    min_agreement: float = Field(
+        -1.0,
+        ge=-1,
+        le=1,
+        description="mean: leave out of the mean a delta whose cosine to the buffer's coordinate-wise median is "
+        "below this (-1: off; keeps K deltas, not one sum).",
+    )
     staleness: Staleness = Field(PolynomialStaleness(), description="Weight of a stale update.")
     server_optimizer: ServerOptimizerSettings = Field(SgdOptimizer(), description="The server step.")
+    robust: RobustSettings = Field(RobustSettings(), description="[strategy.robust]: clipping, anomaly score.")
+
+    @model_validator(mode="after")
+    def _unweighted_robust_aggregators(self) -> FedBuffSettings:
+        if self.aggregator != "mean" and self.min_agreement > -1:
+            raise ValueError(f"min_agreement filters the mean; aggregator {self.aggregator!r} takes none")
+        if self.aggregator != "mean" and self.example_weighted:
+            raise ValueError(
+                f'aggregator {self.aggregator!r} is unweighted; example_weighted = true needs aggregator = "mean"'
+            )
+        return self
 
 
 class SyncFedAvgSettings(ConfigTable):
@@ -210,6 +283,7 @@ class SyncFedAvgSettings(ConfigTable):
     )
     min_updates: int = Field(1, ge=1, description="Updates a timed-out round needs to be aggregated.")
     server_optimizer: ServerOptimizerSettings = Field(SgdOptimizer(), description="The server step.")
+    robust: RobustSettings = Field(RobustSettings(), description="[strategy.robust]: clipping, anomaly score.")
 
 
 StrategySettings = Annotated[
@@ -229,13 +303,24 @@ class ValidationSettings(ConfigTable):
 
     max_update_norm: float = Field(1e4, gt=0, description="Largest L2 norm of an update's delta.")
     max_message_mb: float = Field(256.0, gt=0, description="Largest update message, in MiB (checked before decoding).")
+    # A site's num_examples is a claim nobody can check; example-weighted aggregation trusts it, so it is bounded.
+    max_num_examples: int = Field(
+        1_000_000,
+        ge=1,
+        description="Largest num_examples an update or evaluation report may claim (per site: site_max_num_examples).",
+    )
+    site_max_num_examples: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict, description="Per-site bound on num_examples (e.g. the hospital's registered patients)."
+    )
+    num_examples_above_cap: Literal["clip", "reject"] = Field(
+        "clip",
+        description="An update's claim above the bound: clip it to the bound (the audit record says so) or reject "
+        "the update (reason too-many-examples). An evaluation report above it is always rejected.",
+    )
     # A copy of an applied update is known by its id and seq; per site, seqs above the settled floor are kept only
     # while an older one is missing (coordinator.validation.DuplicateFilter), so the checkpoint stays small.
     remembered_update_ids: int = Field(
         2_000, ge=1, description="Ids of the last applied updates remembered to recognise a copy of one."
-    )
-    max_num_examples: int = Field(
-        1_000_000, ge=1, description="Largest num_examples a site may claim (evaluation reports above it are refused)."
     )
 
 

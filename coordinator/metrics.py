@@ -9,6 +9,8 @@
 | fedmq_updates_redelivered_total | counter | site | a copy of an applied update (redelivered or resent): acked only |
 | fedmq_update_delivery_count_max | gauge | | highest x-delivery-count the broker set on an update (0: none returned) |
 | fedmq_update_staleness | histogram | site | staleness (versions) of accepted updates |
+| fedmq_update_anomaly_score | gauge | site | cosine of the site's latest update to recent ones (< 0: against) |
+| fedmq_updates_clipped_total | counter | site | accepted updates scaled down to the adaptive norm bound |
 | fedmq_max_staleness | gauge | | the configured staleness bound |
 | fedmq_aggregation_seconds | histogram | | time to validate and apply one update |
 | fedmq_checkpoint_seconds | histogram | | time to write one durable checkpoint |
@@ -32,11 +34,11 @@
 | fedmq_coordinator_info | gauge | strategy, task, version | always 1 |
 
 Rejection reasons: unknown-site, identity-mismatch, oversized, malformed, wrong-shape, non-finite,
-norm-too-large, stale, duplicate (checked by the coordinator); site-share, wrong-round, already-in-round,
-no-examples (refused by the strategy); out-of-range, unknown-version, too-many-examples (evaluation reports, which
-can also be unknown-site, identity-mismatch, oversized, malformed, non-finite); internal-error (an unexpected
-exception while handling the update: a bug
-in the coordinator, the update is dead-lettered and the log holds the traceback).
+norm-too-large, stale, duplicate, too-many-examples (checked by the coordinator); site-share, wrong-round,
+already-in-round, no-examples, anomalous (refused by the strategy); out-of-range, unknown-version, too-many-examples
+(evaluation reports, which can also be unknown-site, identity-mismatch, oversized, malformed, non-finite);
+internal-error (an unexpected exception while handling the update: a bug in the coordinator, the update is
+dead-lettered and the log holds the traceback).
 """
 
 from __future__ import annotations
@@ -87,6 +89,18 @@ class CoordinatorMetrics:
             "Staleness of accepted updates in versions",
             ["site"],
             buckets=STALENESS_BUCKETS,
+            registry=registry,
+        )
+        self.anomaly_score = Gauge(
+            "fedmq_update_anomaly_score",
+            "Cosine similarity of the site's latest accepted update to a running mean of recent update directions",
+            ["site"],
+            registry=registry,
+        )
+        self.updates_clipped = Counter(
+            "fedmq_updates_clipped",
+            "Accepted updates scaled down to the adaptive norm bound",
+            ["site"],
             registry=registry,
         )
         self.max_staleness = Gauge("fedmq_max_staleness", "Configured staleness bound", registry=registry)

@@ -23,15 +23,16 @@ class Reason(str, Enum):
     NORM_TOO_LARGE = "norm-too-large"
     STALE = "stale"
     DUPLICATE = "duplicate"
+    TOO_MANY_EXAMPLES = "too-many-examples"  # a num_examples claim above the cap ([validation]; reports too)
     # refused by a strategy (Strategy.check)
     SITE_SHARE = "site-share"
     WRONG_ROUND = "wrong-round"
     ALREADY_IN_ROUND = "already-in-round"
     NO_EXAMPLES = "no-examples"
+    ANOMALOUS = "anomalous"  # points against the recent updates ([strategy.robust] min_anomaly_score)
     # checked on evaluation reports (coordinator.status); unknown-site, identity-mismatch, oversized, malformed and
     # non-finite apply to status messages too
     OUT_OF_RANGE = "out-of-range"
     UNKNOWN_VERSION = "unknown-version"
-    TOO_MANY_EXAMPLES = "too-many-examples"
     # an unexpected exception while handling the update (the handler's guard): a bug, not the site's doing
     INTERNAL_ERROR = "internal-error"

@@ -11,13 +11,14 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from broker.topology import REJECT_REASON_HEADER
 from broker.transport import Delivery
 from coordinator.aggregation import Contribution, Params, Strategy
+from coordinator.aggregation.robust import Screening
 from coordinator.audit import AuditLog, bounded
 from coordinator.commit import GroupCommit
 from coordinator.errors import STORAGE_ERRORS
@@ -60,6 +61,14 @@ class UpdateRules:
     max_norm: float
     limits: DecodeLimits
     signatures: SignatureCheck | None = None  # None: updates are not signature-checked
+    max_num_examples: int | None = None
+    site_max_num_examples: Mapping[str, int] = field(default_factory=dict)
+    clip_num_examples: bool = True
+
+    def num_examples_cap(self, site: str) -> int | None:
+        """The tighter of the site's own cap and the global one."""
+        caps = [cap for cap in (self.site_max_num_examples.get(site), self.max_num_examples) if cap is not None]
+        return min(caps) if caps else None
 
 
 class UpdateHandler:
@@ -127,6 +136,8 @@ class UpdateHandler:
             signatures=self.rules.signatures,
             duplicates=self.duplicates,
             limits=self.rules.limits,
+            max_num_examples=self.rules.num_examples_cap(label),
+            clip_num_examples=self.rules.clip_num_examples,
         )
         self._in_hand = checked.update
         if isinstance(checked, ValidUpdate):
@@ -135,10 +146,11 @@ class UpdateHandler:
                 update_id=checked.update.update_id,
                 base_version=checked.update.base_version,
                 staleness=checked.staleness,
-                num_examples=checked.update.num_examples,
+                num_examples=checked.num_examples,
                 delta=self._as_model_dtypes(checked.update.delta),
+                norm=checked.norm,
             )
-            refusal = self.strategy.check(contribution, self.state.version)
+            refusal = self.strategy.admit(contribution, self.state.version)
             if refusal is None:
                 if label in self.rules.known_sites:
                     self.heard_from(label, now)
@@ -221,7 +233,8 @@ class UpdateHandler:
     ) -> Outcome:
         update = checked.update
         base = self.state.history.get(update.base_version, self.state.params)
-        new_params = self.strategy.add(self.state.params, self.state.version, contribution, base)
+        taken = self.strategy.take(self.state.params, self.state.version, contribution, base)
+        new_params = taken.new_params
         self.duplicates.remember(update)
         self.state.accepted_total += 1
         new_version = self.advance(new_params, now) if new_params is not None else None
@@ -234,8 +247,13 @@ class UpdateHandler:
             now=now,
             norm=checked.norm,
             new_version=new_version,
+            detail=_screening_detail(checked, taken.screening),
         )
         self.batch.changed(new_version=new_version is not None)
+        if taken.screening.anomaly_score is not None:
+            self.metrics.anomaly_score.labels(site=update.site_id).set(taken.screening.anomaly_score)
+        if taken.screening.clip_factor < 1.0:
+            self.metrics.updates_clipped.labels(site=update.site_id).inc()
         self.metrics.updates_applied.labels(site=update.site_id).inc()
         self.metrics.staleness.labels(site=update.site_id).observe(checked.staleness)
         self.metrics.aggregation_seconds.observe(time.perf_counter() - started)
@@ -319,3 +337,15 @@ class UpdateHandler:
             "redelivered": delivery.redelivered,
         }
         self.batch.record(fields, digest)
+
+
+def _screening_detail(checked: ValidUpdate, screening: Screening) -> str:
+    """The audit record's note on what the robust options did with an accepted update ('' when nothing)."""
+    notes = []
+    if checked.examples_clipped:
+        notes.append(f"num_examples {checked.update.num_examples} clipped to the cap {checked.num_examples}")
+    if screening.clip_factor < 1.0 and screening.clip_bound is not None:
+        notes.append(f"norm clipped to {screening.clip_bound:.4g} (x{screening.clip_factor:.3g})")
+    if screening.anomaly_score is not None:
+        notes.append(f"anomaly score {screening.anomaly_score:.3f}")
+    return "; ".join(notes)

@@ -35,6 +35,11 @@ class ValidUpdate:
     update: ModelUpdate
     staleness: int
     norm: float
+    num_examples: int = -1  # the count aggregation may use: the claim, or the cap it was clipped to (-1: the claim)
+
+    @property
+    def examples_clipped(self) -> bool:
+        return 0 <= self.num_examples < self.update.num_examples
 
 
 OPEN_SEQS_PER_SITE = 512  # settled seqs kept above a missing one: 32 windows of the default prefetch (16)
@@ -194,7 +199,11 @@ def validate_update(
     duplicates: DuplicateFilter,
     limits: DecodeLimits,
     signatures: SignatureCheck | None = None,
+    max_num_examples: int | None = None,
+    clip_num_examples: bool = True,
 ) -> ValidUpdate | Rejection:
+    """``max_num_examples`` bounds the site's claim (None: unbounded): a claim above it is clipped to it, or, with
+    ``clip_num_examples=False``, rejected as ``too-many-examples``."""
     routed_site = site_from_routing_key(delivery.routing_key) or "unknown"
     site_label = routed_site if routed_site in known_sites else "unknown"
     if routed_site not in known_sites:
@@ -244,7 +253,13 @@ def validate_update(
         return Rejection(Reason.NON_FINITE, f"delta[{bad_tensor!r}] holds NaN or inf", site_label, update)
     if not norm <= max_norm:  # also an overflowing (inf) norm of finite values
         return Rejection(Reason.NORM_TOO_LARGE, f"L2 norm {norm:.4g} exceeds {max_norm:.4g}", site_label, update)
-    return ValidUpdate(update, staleness, norm)
+    num_examples = update.num_examples
+    if max_num_examples is not None and num_examples > max_num_examples:
+        if not clip_num_examples:
+            detail = f"num_examples {num_examples} exceeds the site's cap {max_num_examples}"
+            return Rejection(Reason.TOO_MANY_EXAMPLES, detail, site_label, update)
+        num_examples = max_num_examples
+    return ValidUpdate(update, staleness, norm, num_examples)
 
 
 def _shape_problem(delta: Mapping[str, torch.Tensor], model: Mapping[str, torch.Tensor]) -> str | None:

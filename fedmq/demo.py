@@ -59,6 +59,12 @@ STRATEGY_TABLES: dict[str, dict[str, Any]] = {
     },
     "fedavg-sync": {"name": "fedavg-sync", "max_staleness": 0, "round_timeout_seconds": 120},
 }
+ROBUST_KEYS = ("robust", "aggregator", "trim_fraction")
+NON_ROBUST_FEDBUFF: dict[str, Any] = {"max_site_share": 1.0, "example_weighted": True}  # what the demo ran before
+UNBOUNDED_NUM_EXAMPLES = 2**63 - 1
+# What each hospital registered with the consortium (its training rows, FLamby's split): the bound on its
+# num_examples claim, as an operator would provision it.
+REGISTERED_TRAINING_PATIENTS = {"cleveland": 199, "hungary": 172, "switzerland": 30, "long-beach": 85}
 DEFAULT_VERSIONS = {"fedbuff": 60, "fedasync": 60, "fedavg-sync": 15}
 BROKER_PORT_OPTIONS = ("amqp", "dist", "management", "prometheus")  # passed on to `fedmq broker up --X-port`
 
@@ -76,6 +82,9 @@ class DemoOptions:
     metrics_port: int = 0
     summary_json: Path | None = None
     keep_broker: bool = False
+    # Poisoning attackers (site -> KIND[:SCALE], site_agent.attacks), and whether the robust options stay on.
+    attack: dict[str, str] = field(default_factory=dict)
+    robust: bool = True
     # Ports of the node it starts, by name ("amqp", "dist", "management", "prometheus"; one not named: `fedmq broker
     # up`'s default), so a test or a second demo can run beside a developer's own.
     broker_ports: dict[str, int] = field(default_factory=dict)
@@ -95,6 +104,19 @@ def register(subcommands: Any) -> None:
         default=[],
         metavar="SITE=FACTOR",
         help="make a hospital FACTOR times slower, e.g. --slow switzerland=10 (repeatable)",
+    )
+    demo.add_argument(
+        "--attack",
+        action="append",
+        default=[],
+        metavar="SITE=KIND[:SCALE]",
+        help="make a hospital's agent a poisoning attacker, e.g. --attack cleveland=sign-flip:10; KIND is sign-flip, "
+        "scale, noise, inflate-examples or flood (repeatable; a test and demo facility)",
+    )
+    demo.add_argument(
+        "--no-robust",
+        action="store_true",
+        help="turn the coordinator's robust options off (clipping, median, num_examples cap) to see an attack bite",
     )
     demo.add_argument("--versions", type=int, help="stop after this many global versions (default per strategy)")
     demo.add_argument("--max-seconds", type=float, default=600.0, help="wall-clock budget (default 600)")
@@ -122,6 +144,20 @@ def parse_slow(values: Sequence[str]) -> dict[str, float]:
     return slow
 
 
+def parse_attack(values: Sequence[str]) -> dict[str, str]:
+    from site_agent.attacks import Attack
+
+    attacks: dict[str, str] = {}
+    for value in values:
+        site, _, spec = value.partition("=")
+        if site not in HEART_SITES or not spec:
+            raise ValueError(
+                f"--attack {value!r}: expected SITE=KIND[:SCALE] with SITE one of {', '.join(HEART_SITES)}"
+            )
+        attacks[site] = str(Attack.parse(spec))
+    return attacks
+
+
 def demo_command(args: argparse.Namespace) -> int:
     try:
         options = DemoOptions(
@@ -129,6 +165,8 @@ def demo_command(args: argparse.Namespace) -> int:
             strategy=args.strategy,
             seed=args.seed,
             slow=parse_slow(args.slow),
+            attack=parse_attack(args.attack),
+            robust=not args.no_robust,
             versions=args.versions,
             max_seconds=args.max_seconds,
             local_steps=args.local_steps,
@@ -230,20 +268,36 @@ def coordinator_toml(options: DemoOptions, broker_url: str, metrics_port: int) -
         "sites": list(HEART_SITES),
         "seed": options.seed,
         "broker": {"url": broker_url},
-        "strategy": STRATEGY_TABLES[options.strategy],
+        "strategy": STRATEGY_TABLES[options.strategy] if options.robust else without_robust_options(options.strategy),
         "training": {"local_steps": options.local_steps, "learning_rate": options.learning_rate, "batch_size": 4},
         "liveness": {"site_timeout_seconds": 20},
         "stopping": {"max_versions": versions, "max_seconds": options.max_seconds, "final_eval_timeout_seconds": 60},
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
     }
+    if options.robust:
+        tables["validation"] = {"site_max_num_examples": dict(REGISTERED_TRAINING_PATIENTS)}
+    else:
+        tables["validation"] = {"max_num_examples": UNBOUNDED_NUM_EXAMPLES}
     return "# written by `fedmq demo`\n" + tomli_w.dumps(tables)
 
 
+def without_robust_options(strategy: str) -> dict[str, Any]:
+    """The strategy table as it was before the robust options: no clipping, the plain mean (``--no-robust``)."""
+    table = {key: value for key, value in STRATEGY_TABLES[strategy].items() if key not in ROBUST_KEYS}
+    if strategy == "fedbuff":
+        table.update(NON_ROBUST_FEDBUFF)
+    return {**table, "robust": {"clip": False, "anomaly_score": True}}
+
+
 def site_tables(options: DemoOptions, site: str) -> str:
-    tables = {
-        "task": {"name": "heart-disease"},
-        "agent": {"seed": options.seed, "slowdown": float(options.slow.get(site, 1.0)), "heartbeat_seconds": 2.0},
+    agent: dict[str, Any] = {
+        "seed": options.seed,
+        "slowdown": float(options.slow.get(site, 1.0)),
+        "heartbeat_seconds": 2.0,
     }
+    if site in options.attack:
+        agent["attack"] = options.attack[site]
+    tables = {"task": {"name": "heart-disease"}, "agent": agent}
     return "\n# added by `fedmq demo`\n" + tomli_w.dumps(tables)
 
 
@@ -449,6 +503,9 @@ def run_demo(options: DemoOptions) -> int:
             )
         slow = ", ".join(f"{site} x{factor:g}" for site, factor in options.slow.items()) or "none"
         print(f"site agents started: {', '.join(HEART_SITES)} (slowed: {slow}); logs in {group.log_dir}", flush=True)
+        for site, attack in options.attack.items():
+            defence = "robust options on" if options.robust else "robust options OFF"
+            print(f"{site} is a poisoning attacker ({attack}); {defence}", flush=True)
         _watch(coordinator, metrics_url, started)
         if coordinator.returncode != 0:
             print(

@@ -54,6 +54,7 @@ from schemas import (
     SiteState,
     TrainingMetrics,
 )
+from site_agent.attacks import Attack
 from site_agent.signatures import SiteSigning
 from tasks.base import SiteData, Task, architecture_digest
 
@@ -218,8 +219,11 @@ class SiteAgent:
         retry_max_wait_seconds: float = 30.0,
         signing: SiteSigning | None = None,
         clock: Callable[[], float] = time.monotonic,
+        attack: Attack | None = None,
     ) -> None:
         self.trainer = trainer
+        self.attack = attack  # a test and demo facility (site_agent.attacks): forge what the coordinator cannot check
+        self._attack_generator = torch.Generator().manual_seed(trainer.seed)
         self.site_id = trainer.site_id
         self.counter = counter
         self.heartbeat_seconds = heartbeat_seconds
@@ -380,7 +384,13 @@ class SiteAgent:
             elif isinstance(outcome, EvalReport):
                 self._queue_evaluation(outcome)
             elif isinstance(outcome, ModelUpdate):
-                self._queue_update(outcome)
+                forged = (
+                    [outcome]
+                    if self.attack is None
+                    else self.attack.apply(outcome, self.counter.next, self._attack_generator)
+                )
+                for update in forged:
+                    self._queue_update(update)
 
     def _queue_evaluation(self, report: EvalReport) -> None:
         self.evaluated = self.job_model

@@ -21,6 +21,7 @@ Example ``sites/cleveland.toml``::
     slowdown = 1.0              # >= 1; > 1 makes this site proportionally slower (simulating a slow hospital)
     heartbeat_seconds = 5
     compression = "none"        # none | float16 | int8 (lossy, for slow links)
+    # attack = "sign-flip:10"   # test and demo only: a poisoning attacker (site_agent/attacks.py)
     state_dir = ""              # where the agent keeps its update counter; default: next to this file
 
     [signing]                   # written by add-site; the key file is made here by `fedmq site keygen cleveland`
@@ -77,6 +78,20 @@ class AgentSettings(ConfigTable):
         description="Longest wait between reconnection attempts, and between retries of a message the broker refused.",
     )
     threads: int = Field(1, ge=1, description="torch CPU threads for local training.")
+    attack: str = Field(
+        "",
+        description="TEST AND DEMO ONLY: make this agent a poisoning attacker, KIND[:SCALE] with KIND one of "
+        "sign-flip, scale, noise, inflate-examples, flood (site_agent.attacks); empty: honest.",
+    )
+
+    @field_validator("attack")
+    @classmethod
+    def _known_attack(cls, value: str) -> str:
+        if value:
+            from site_agent.attacks import Attack
+
+            Attack.parse(value)
+        return value
 
     @field_validator("state_dir")
     @classmethod

@@ -17,6 +17,7 @@ from broker.keys import parse_public_key, read_private_key
 from broker.pika_transport import ConnectionSettings, PikaTransport, run_reconnecting
 from broker.transport import ConsumeRefused, TransportConnectionError
 from site_agent.agent import LocalTrainer, SiteAgent, UpdateCounter
+from site_agent.attacks import Attack
 from site_agent.config import SiteConfig
 from site_agent.signatures import SiteSigning
 from tasks.registry import task_from_options
@@ -39,6 +40,9 @@ def build_agent(config: SiteConfig) -> SiteAgent:
     )
     trainer = LocalTrainer(config.site_id, task, data, seed=config.agent.seed, slowdown=config.agent.slowdown)
     counter = UpdateCounter(config.state_dir / f"{config.site_id}.agent-state.json")
+    attack = Attack.parse(config.agent.attack) if config.agent.attack else None
+    if attack is not None:
+        log.warning("site %s runs as a POISONING ATTACKER (%s): a test and demo facility", config.site_id, attack)
     return SiteAgent(
         trainer,
         counter,
@@ -46,6 +50,7 @@ def build_agent(config: SiteConfig) -> SiteAgent:
         compression=config.agent.compression,
         retry_max_wait_seconds=config.agent.reconnect_max_wait_seconds,
         signing=build_signing(config),
+        attack=attack,
     )
 
 

@@ -6,6 +6,7 @@ import math
 from typing import ClassVar
 
 from coordinator.aggregation.base import Contribution, Strategy
+from coordinator.aggregation.robust import UpdateScreen
 from coordinator.aggregation.staleness import StalenessFunction
 from coordinator.aggregation.tensor_math import Params, add_scaled, check_compatible, interpolate
 from coordinator.errors import AggregationError
@@ -16,10 +17,13 @@ class FedAsync(Strategy):
 
     name: ClassVar[str] = "fedasync"
 
-    def __init__(self, *, alpha: float = 0.6, staleness: StalenessFunction | None = None) -> None:
+    def __init__(
+        self, *, alpha: float = 0.6, staleness: StalenessFunction | None = None, screen: UpdateScreen | None = None
+    ) -> None:
         if not (math.isfinite(alpha) and 0.0 < alpha <= 1.0):
             raise AggregationError(f"fedasync alpha must be in (0, 1], got {alpha}")
         self.alpha = alpha
+        self.screen = screen  # clipping and anomaly scoring (Strategy.take); FedAsync has no buffer to take a median of
         self.staleness = staleness if staleness is not None else StalenessFunction("polynomial")
 
     @property

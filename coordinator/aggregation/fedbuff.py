@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from coordinator.aggregation.base import Contribution, Strategy
+from coordinator.aggregation.robust import AGGREGATORS, UpdateScreen, agreeing_mean, robust_mean, scaled
 from coordinator.aggregation.server_optimizer import ServerOptimizer
 from coordinator.aggregation.staleness import StalenessFunction
 from coordinator.aggregation.tensor_math import (
@@ -30,6 +31,15 @@ class FedBuff(Strategy):
     With equal ``n_i`` that is the paper's ``sum(s(tau_i) delta_i) / K`` exactly, and staleness still shrinks
     the step. Without it, a 30-patient hospital pulls the model as hard as a 200-patient one, so on unequal
     sites the published rule optimises a per-site (not per-patient) average of the losses.
+
+    ``aggregator`` (robust aggregation, BASGD-style; ``mean`` is the paper's): ``median`` and ``trimmed-mean``
+    replace ``sum / K`` by the coordinate-wise median or trimmed mean of the K buffered ``s(tau_i) delta_i``. They
+    are unweighted (each buffered delta counts once, whatever ``num_examples`` says), so they refuse
+    ``example_weighted``; they keep the K deltas instead of one running sum (K times the buffer's memory).
+    ``min_agreement`` (mean only; -1: off): at K, a delta whose cosine to the buffer's coordinate-wise median is
+    below it is left out of the mean (``robust.agreeing_mean``), which keeps its weighting among the others.
+    ``screen`` clips each update and scores it (``robust.UpdateScreen``; applied by :meth:`Strategy.take`).
+    ``max_site_share`` gives one site ``floor(share * K)`` places, at least 1: a cap that binds.
     """
 
     name: ClassVar[str] = "fedbuff"
@@ -42,6 +52,10 @@ class FedBuff(Strategy):
         max_site_share: float = 1.0,
         server_optimizer: ServerOptimizer | None = None,
         example_weighted: bool = False,
+        aggregator: str = "mean",
+        trim_fraction: float = 0.2,
+        min_agreement: float = -1.0,
+        screen: UpdateScreen | None = None,
     ) -> None:
         if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
             raise AggregationError(f"fedbuff buffer_size must be an integer >= 1, got {buffer_size!r}")
@@ -49,11 +63,29 @@ class FedBuff(Strategy):
             raise AggregationError(f"fedbuff max_site_share must be in (0, 1], got {max_site_share}")
         if not isinstance(example_weighted, bool):
             raise AggregationError(f"fedbuff example_weighted must be true or false, got {example_weighted!r}")
+        if aggregator not in AGGREGATORS:
+            raise AggregationError(f"fedbuff aggregator must be one of {AGGREGATORS}, got {aggregator!r}")
+        if aggregator != "mean" and example_weighted:
+            raise AggregationError(f"fedbuff aggregator {aggregator!r} is unweighted: it takes no example_weighted")
+        if not (math.isfinite(trim_fraction) and 0.0 <= trim_fraction < 0.5):
+            raise AggregationError(f"fedbuff trim_fraction must be in [0, 0.5), got {trim_fraction}")
+        if not (math.isfinite(min_agreement) and -1.0 <= min_agreement <= 1.0):
+            raise AggregationError(f"fedbuff min_agreement must be in [-1, 1], got {min_agreement}")
+        if min_agreement > -1.0 and aggregator != "mean":
+            raise AggregationError(f"fedbuff min_agreement filters the mean, not the {aggregator!r}")
+        self.aggregator = aggregator
+        self.trim_fraction = trim_fraction
+        self.min_agreement = min_agreement
+        self._keeps_deltas = aggregator != "mean" or min_agreement > -1.0
+        self._delta_examples: list[int] = []
+        self.screen = screen
+        self._deltas: list[Params] = []  # the buffered s(tau) * delta, for the median and the trimmed mean
         self.buffer_size = buffer_size
         self.staleness = staleness if staleness is not None else StalenessFunction("polynomial", a=0.5)
         self.max_site_share = max_site_share
-        # Rounded first so that 0.3 * 10 (= 3.0000000000000004 in floats) allows 3 updates, not 4.
-        self.max_updates_per_site = math.ceil(round(max_site_share * buffer_size, 9))
+        # Floor, so that the share is a cap (0.67 of K = 3 is 2 places, not 3), and at least one place; rounded
+        # first so that 0.29 * 100 (= 28.999999999999996 in floats) allows 29 updates, not 28.
+        self.max_updates_per_site = max(1, math.floor(round(max_site_share * buffer_size, 9)))
         self.server_optimizer = server_optimizer if server_optimizer is not None else ServerOptimizer("sgd")
         self.example_weighted = example_weighted
         self._weighted_delta_sum: Params = {}
@@ -67,8 +99,8 @@ class FedBuff(Strategy):
         return self.buffer_size
 
     def check(self, contribution: Contribution, version: int) -> Reason | None:
-        """Refuse ``"site-share"`` once a site holds ``ceil(max_site_share * K)`` places in the buffer, and, when
-        example-weighted, ``"no-examples"`` for an update that has no examples to weight it by."""
+        """Refuse ``"site-share"`` once a site holds ``max(1, floor(max_site_share * K))`` places in the buffer,
+        and, when example-weighted, ``"no-examples"`` for an update that has no examples to weight it by."""
         if self._site_ids.count(contribution.site_id) >= self.max_updates_per_site:
             return Reason.SITE_SHARE
         if self.example_weighted and contribution.num_examples <= 0:
@@ -82,6 +114,8 @@ class FedBuff(Strategy):
         ``sum / K`` (``sum / sum(n)``) and empty the buffer."""
         self._require_accepted(contribution, version)
         check_compatible(global_params, contribution.delta, "delta")
+        if self._keeps_deltas:
+            return self._add_robust(global_params, contribution)
         examples = contribution.num_examples if self.example_weighted else 0
         weight = self.staleness(contribution.staleness) * (examples if self.example_weighted else 1)
         accumulator = self._weighted_delta_sum or zeros_for(global_params)
@@ -102,6 +136,31 @@ class FedBuff(Strategy):
         self._weighted_delta_sum, self._buffered_examples, self._update_ids, self._site_ids = {}, 0, [], []
         return new_params
 
+    def _add_robust(self, global_params: Params, contribution: Contribution) -> Params | None:
+        """Buffer ``s(tau) * delta``; at K, step with the coordinate-wise median or trimmed mean of the K, or the
+        (example-weighted) mean of those agreeing with their median."""
+        weighted = scaled(contribution.delta, self.staleness(contribution.staleness))
+        examples = contribution.num_examples if self.example_weighted else 0
+        if len(self._update_ids) + 1 < self.buffer_size:
+            self._deltas.append(weighted)
+            self._delta_examples.append(examples)
+            self._buffered_examples += examples
+            self._update_ids.append(contribution.update_id)
+            self._site_ids.append(contribution.site_id)
+            return None
+        deltas = [*self._deltas, weighted]
+        if self.aggregator == "mean":
+            counts = [*self._delta_examples, examples]
+            weights = [float(count) for count in counts] if self.example_weighted else [1.0] * len(deltas)
+            centre, _ = agreeing_mean(deltas, weights, self.min_agreement)
+        else:
+            centre = robust_mean(deltas, self.aggregator, self.trim_fraction)
+        pseudo_gradient = {name: centre[name] for name in global_params}
+        new_params = self.server_optimizer.step(global_params, pseudo_gradient)
+        self._deltas, self._delta_examples, self._update_ids, self._site_ids = [], [], [], []
+        self._buffered_examples = 0
+        return new_params
+
     def buffered_update_ids(self) -> list[str]:
         """Ids in the buffer, oldest first."""
         return list(self._update_ids)
@@ -112,6 +171,10 @@ class FedBuff(Strategy):
         return {
             "strategy": self.name,
             "example_weighted": self.example_weighted,
+            "aggregator": self.aggregator,
+            "deltas": [dict(delta) for delta in self._deltas],
+            "delta_examples": list(self._delta_examples),
+            **self._screen_state(),
             "weighted_delta_sum": {name: tensor.clone() for name, tensor in self._weighted_delta_sum.items()},
             "buffered_examples": self._buffered_examples,
             "update_ids": list(self._update_ids),
@@ -132,10 +195,28 @@ class FedBuff(Strategy):
                 f"checkpoint was written with example_weighted={example_weighted}, "
                 f"the config says {self.example_weighted}"
             )
+        aggregator = state.get("aggregator", "mean")
+        if aggregator != self.aggregator:
+            raise AggregationError(
+                f"checkpoint was written with aggregator {aggregator!r}, the config says {self.aggregator!r}"
+            )
+        raw_deltas = state.get("deltas", [])
+        if not isinstance(raw_deltas, list):
+            raise AggregationError("checkpoint field 'deltas' is not a list")
+        deltas = [params_from_state(delta, "deltas") for delta in raw_deltas]
         weighted_sum = params_from_state(state.get("weighted_delta_sum"), "weighted_delta_sum")
         update_ids = string_list_from_state(state.get("update_ids"), "update_ids")
         site_ids = string_list_from_state(state.get("site_ids"), "site_ids")
-        if len(update_ids) != len(site_ids) or bool(update_ids) != bool(weighted_sum):
+        delta_examples = state.get("delta_examples", [0] * len(deltas))
+        if not isinstance(delta_examples, list) or not all(
+            isinstance(count, int) and not isinstance(count, bool) and count >= 0 for count in delta_examples
+        ):
+            raise AggregationError("checkpoint field 'delta_examples' is not a list of counts >= 0")
+        if not self._keeps_deltas:
+            inconsistent = bool(update_ids) != bool(weighted_sum) or bool(deltas)
+        else:
+            inconsistent = len(deltas) != len(update_ids) or len(delta_examples) != len(deltas) or bool(weighted_sum)
+        if len(update_ids) != len(site_ids) or inconsistent:
             raise AggregationError("checkpoint buffer is inconsistent: update_ids, site_ids and sum disagree")
         buffered_examples = state.get("buffered_examples", 0)
         if isinstance(buffered_examples, bool) or not isinstance(buffered_examples, int) or buffered_examples < 0:
@@ -146,5 +227,7 @@ class FedBuff(Strategy):
         if not isinstance(optimizer_state, Mapping):
             raise AggregationError("checkpoint field 'server_optimizer' is missing")
         self.server_optimizer.load_state_dict(optimizer_state)
+        self._load_screen_state(state)
+        self._deltas, self._delta_examples = deltas, delta_examples
         self._weighted_delta_sum, self._buffered_examples = weighted_sum, buffered_examples
         self._update_ids, self._site_ids = update_ids, site_ids

@@ -9,6 +9,7 @@ from coordinator.aggregation.base import (
     Contribution,
     Strategy,
 )
+from coordinator.aggregation.robust import UpdateScreen
 from coordinator.aggregation.server_optimizer import ServerOptimizer
 from coordinator.aggregation.tensor_math import (
     Params,
@@ -38,7 +39,9 @@ class SyncFedAvg(Strategy):
         round_timeout_seconds: float | None = 600.0,
         min_updates: int = 1,
         server_optimizer: ServerOptimizer | None = None,
+        screen: UpdateScreen | None = None,
     ) -> None:
+        self.screen = screen  # clipping and anomaly scoring (Strategy.take)
         if round_timeout_seconds is not None and not round_timeout_seconds > 0:
             raise AggregationError(f"round_timeout_seconds must be > 0 or None, got {round_timeout_seconds}")
         if isinstance(min_updates, bool) or not isinstance(min_updates, int) or min_updates < 1:
@@ -137,6 +140,7 @@ class SyncFedAvg(Strategy):
             "update_ids": list(self._update_ids),
             "site_ids": list(self._site_ids),
             "server_optimizer": self.server_optimizer.state_dict(),
+            **self._screen_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -157,6 +161,7 @@ class SyncFedAvg(Strategy):
         if not isinstance(optimizer_state, Mapping):
             raise AggregationError("checkpoint field 'server_optimizer' is missing")
         self.server_optimizer.load_state_dict(optimizer_state)
+        self._load_screen_state(state)
         self._round_version = None if round_version == -1 else round_version
         self._round_started_at = None
         self._weighted_delta_sum, self._total_examples = weighted_sum, total_examples

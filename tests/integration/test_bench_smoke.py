@@ -123,3 +123,19 @@ def test_straggler_runs_a_real_federation_and_scores_its_models(
     assert "Runs that failed" not in output
     assert "## Straggler" in doc.read_text()
     assert_plot_linked(doc, "bench_straggler.png")
+
+
+def test_poisoning_runs_an_attacker_through_the_real_broker_and_reports_the_worst_drop(
+    bench_state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = tmp_path / "BENCHMARKS.md"
+
+    exit_code = _bench(bench_state, doc, "poisoning", "--quick")
+
+    output = capsys.readouterr().out
+    assert exit_code == 0
+    row = next(line for line in output.splitlines() if line.startswith("| sign-flip:10 |"))
+    assert 0.0 < float(row.split("|")[2]) <= 1.0
+    assert output.strip().splitlines()[-1].startswith("worst-case accuracy drop with the defaults: ")
+    assert "## Poisoning" in doc.read_text()
+    assert_plot_linked(doc, "bench_poisoning.png")

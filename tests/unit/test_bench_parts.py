@@ -135,3 +135,39 @@ def test_the_in_process_split_prints_every_phase_as_a_ratio_to_an_add(
     # one row per torch thread count, each naming its costliest phase
     bottlenecks = [row.strip("|").split("|")[-2].strip() for row in rows]
     assert set(bottlenecks) <= {"decode", "validate", "aggregate", "checkpoint", "other"}, rows
+
+
+def test_poisoning_reads_rejections_and_anomaly_scores_from_the_audit_log_and_finds_the_worst_drop(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from benchmarks.poisoning import PoisonRun, audit_figures, drop, worst_drop
+
+    audit = tmp_path / "audit.jsonl"
+    records = [
+        {
+            "kind": "update",
+            "site": "a",
+            "outcome": "accepted",
+            "detail": "norm clipped to 1 (x0.5); anomaly score -0.800",
+        },
+        {"kind": "update", "site": "a", "outcome": "accepted", "detail": "anomaly score -0.600"},
+        {"kind": "update", "site": "b", "outcome": "rejected", "reason": "stale", "detail": ""},
+        {"kind": "eval", "site": "b"},
+    ]
+    audit.write_text("".join(json.dumps(record) + "\n" for record in records))
+    runs = [
+        PoisonRun("clean", "on", 0, pooled=0.78),
+        PoisonRun("clean", "on", 1, pooled=0.80),
+        PoisonRun("sign-flip:1", "on", 0, pooled=0.70),
+        PoisonRun("sign-flip:1", "on", 1, pooled=0.78),
+        PoisonRun("scale:10", "on", 0, pooled=0.77),
+    ]
+
+    rejected, anomaly = audit_figures(audit)
+
+    assert rejected == {"b:stale": 1}
+    assert anomaly == pytest.approx({"a": -0.7})
+    assert drop(runs, "sign-flip:1", "on") == pytest.approx(0.05)  # median of 0.08 and 0.02
+    assert worst_drop(runs, ["sign-flip:1", "scale:10"]) == (pytest.approx(0.05), "sign-flip:1")

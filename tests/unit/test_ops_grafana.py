@@ -42,6 +42,8 @@ FEDMQ_EXPORTED_METRICS: dict[str, frozenset[str]] = {
     "fedmq_update_staleness_sum": _STALENESS_LABELS,
     "fedmq_update_staleness_count": _STALENESS_LABELS,
     "fedmq_max_staleness": frozenset(),
+    "fedmq_update_anomaly_score": frozenset({"site"}),
+    "fedmq_updates_clipped_total": frozenset({"site"}),
     "fedmq_aggregation_seconds_bucket": frozenset({"le"}),
     "fedmq_aggregation_seconds_sum": frozenset(),
     "fedmq_aggregation_seconds_count": frozenset(),
