@@ -26,6 +26,9 @@ Fixtures:
     ``broker_env.state_dir`` is a per-test state dir (site config files, coordinator-broker.toml, ``keys/``).
     ``add_site`` also makes the site's signing key pair (``site_key_file``) and registers its public key, so
     real site agents and a coordinator given ``keys_dir=broker_env.keys_dir`` sign and check end to end.
+
+``processes`` (function) -> ``FedmqProcesses``
+    real ``fedmq coordinator run`` and ``fedmq site run`` processes on ``broker_env``, stopped at teardown.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pika
 import pytest
@@ -51,6 +55,9 @@ from broker.provisioning import (
     read_broker_url,
     remove_site,
 )
+
+if TYPE_CHECKING:
+    from tests.integration.federation_helpers import FedmqProcesses
 
 NODE_START_TIMEOUT = 120.0
 
@@ -186,3 +193,16 @@ def open_broker_env(node: LocalNode, state_dir: Path) -> Iterator[BrokerEnv]:
 def broker_env(broker_node: LocalNode, tmp_path: Path) -> Iterator[BrokerEnv]:
     with open_broker_env(broker_node, tmp_path / "state") as env:
         yield env
+
+
+@pytest.fixture
+def processes(broker_env: BrokerEnv, tmp_path: Path) -> Iterator[FedmqProcesses]:
+    """Real ``fedmq coordinator run`` / ``fedmq site run`` processes of one test, all stopped at its end."""
+    from tests.integration.federation_helpers import FedmqProcesses
+
+    group = FedmqProcesses(broker_env.state_dir, tmp_path / "logs")
+    try:
+        yield group
+    finally:
+        group.stop_all()
+    assert group.running() == []

@@ -13,10 +13,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.integration.conftest import BrokerEnv
 from tests.integration.coordinator_process import CoordinatorProcess, free_port, write_coordinator_config
@@ -32,16 +29,6 @@ from tests.integration.federation_helpers import (
 
 SITE = "cleveland"
 MAX_VERSIONS = 24
-
-
-@pytest.fixture
-def processes(broker_env: BrokerEnv, tmp_path: Path) -> Iterator[FedmqProcesses]:
-    group = FedmqProcesses(broker_env.state_dir, tmp_path / "logs")
-    try:
-        yield group
-    finally:
-        group.stop_all()
-    assert group.running() == []
 
 
 def scrape_version(metrics_port: int) -> float | None:

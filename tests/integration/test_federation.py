@@ -10,10 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.integration.conftest import BrokerEnv
 from tests.integration.coordinator_process import free_port, samples_with, write_coordinator_config
@@ -29,16 +26,6 @@ from tests.integration.federation_helpers import (
 
 HOSPITALS = ("cleveland", "hungary", "switzerland", "long-beach")
 WAITING = "connected; waiting for the global model"
-
-
-@pytest.fixture
-def processes(broker_env: BrokerEnv, tmp_path: Path) -> Iterator[FedmqProcesses]:
-    group = FedmqProcesses(broker_env.state_dir, tmp_path / "logs")
-    try:
-        yield group
-    finally:
-        group.stop_all()
-    assert group.running() == []
 
 
 def write_coordinator(broker_env: BrokerEnv, tmp_path: Path, sites: list[str], extra: str) -> tuple[Path, Path, int]:

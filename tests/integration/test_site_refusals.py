@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from broker.topology import Exchange, site_bindings, site_permissions
 from tests.integration.conftest import BrokerEnv
@@ -29,16 +26,6 @@ from tests.integration.federation_helpers import (
 
 SITE = "cleveland"
 UPDATES_BINDING = next(binding for binding in site_bindings(SITE) if binding.exchange == Exchange.UPDATES.value)
-
-
-@pytest.fixture
-def processes(broker_env: BrokerEnv, tmp_path: Path) -> Iterator[FedmqProcesses]:
-    group = FedmqProcesses(broker_env.state_dir, tmp_path / "logs")
-    try:
-        yield group
-    finally:
-        group.stop_all()
-    assert group.running() == []
 
 
 def start_federation(broker_env: BrokerEnv, tmp_path: Path, processes: FedmqProcesses, max_versions: int) -> Path:
