@@ -26,7 +26,9 @@ from tests.faults.cases import (
     broker_memory_alarm,
     checkpoint_read_only,
     coordinator_crash_loop,
+    coordinator_restore,
     coordinator_sigkill,
+    site_agent_sigkill,
     site_connection_cut,
     state_dir_full,
 )
@@ -117,3 +119,42 @@ def test_storage_fault_while_updates_arrive_loses_no_confirmed_update(
     faults = ("Read-only file system", "No space left on device", "not committing")  # a write failed, or was put off
     require(any(fault in log for fault in faults), "no write of the coordinator failed or waited for room")
     assert_nothing_lost(figures)
+
+
+def test_site_agent_killed_mid_publish_loses_no_confirmed_update_and_never_reuses_a_seq(
+    broker_env: BrokerEnv, tmp_path: Path
+) -> None:
+    # A real agent (``fedmq site run``), SIGKILLed and restarted; ids are "<site>:<seq>" from its own log and
+    # counter. An update it finished but had not had confirmed when killed is the site's loss (it trains again),
+    # counted as unconfirmed at kill; every confirmed one must be applied exactly once.
+    figures = site_agent_sigkill(broker_env, tmp_path, SETTINGS)
+    print(figures.summary())
+    require(figures.agent_kills >= SETTINGS.agent_kills, figures.summary())
+    require(figures.confirmed > 0, figures.summary())
+    assert figures.lost == 0, f"{figures.summary()}; first lost ids {figures.lost_ids}"
+    assert figures.applied_twice == 0, figures.summary()
+    assert figures.seq_reused == 0, figures.summary()  # a restarted agent never reuses a seq ...
+    assert figures.rejected == 0, figures.summary()  # ... so nothing is refused as a duplicate
+    assert figures.attempted == figures.confirmed + figures.unconfirmed_at_kill + figures.unconfirmed_applied, (
+        figures.summary()
+    )
+    assert figures.applied == figures.confirmed + figures.unconfirmed_applied, figures.summary()
+    assert figures.checkpoint_accepted == figures.applied, figures.summary()
+    assert figures.chain_ok, figures.summary()
+
+
+def test_coordinator_restored_from_an_older_backup_accounts_for_every_update(
+    broker_env: BrokerEnv, tmp_path: Path
+) -> None:
+    # Updates handled after the backup are undone by the restore (counted, not lost); after it every update the
+    # agents sent is applied or rejected with a reason (one based on a version the restored coordinator never had)
+    figures = coordinator_restore(broker_env, tmp_path, SETTINGS)
+    print(figures.summary())
+    require(figures.undone_by_restore > 0, f"the restore undid nothing: {figures.summary()}")
+    require(figures.kept_by_restore > 0, f"the backup held no applied update: {figures.summary()}")
+    assert figures.lost == 0, f"{figures.summary()}; first lost ids {figures.lost_ids}"
+    assert figures.applied_twice == 0, figures.summary()
+    assert figures.seq_reused == 0, figures.summary()
+    assert "unknown" not in figures.rejected_reasons, figures.summary()
+    assert figures.checkpoint_accepted == figures.applied, figures.summary()
+    assert figures.chain_ok, figures.summary()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.faults.figures import CampaignFigures, compute_figures, markdown_table
 
 
@@ -87,3 +89,60 @@ def test_the_table_has_one_row_per_case() -> None:
 
     assert len(table) == 4
     assert table[3].startswith("| b | 5 | 4 | 3 | 1 | 0 |") and "broken" in table[3]
+
+
+def seq_record(site: str, seq: int, update_id: str, outcome: str, reason: str = "") -> dict[str, Any]:
+    return {"kind": "update", "site": site, "seq": seq, "update_id": update_id, "outcome": outcome, "reason": reason}
+
+
+def test_a_killed_agents_unconfirmed_update_is_counted_apart_and_a_reused_seq_is_caught() -> None:
+    # Prepare: a real agent's ids are "<site>:<seq>". Seq 3 was drawn but never confirmed (killed while training),
+    # seq 4 was applied though the agent died before its confirm, seq 2 came twice under two update ids (a reused seq)
+    attempted = {"cleveland": ["cleveland:1", "cleveland:2", "cleveland:3", "cleveland:4"]}
+    confirmed = {"cleveland": ["cleveland:1", "cleveland:2"]}
+    audit = [
+        seq_record("cleveland", 1, "u1", "accepted"),
+        seq_record("cleveland", 2, "u2", "accepted"),
+        seq_record("cleveland", 2, "u2-again", "rejected", reason="duplicate"),
+        seq_record("cleveland", 4, "u4", "accepted"),
+    ]
+
+    # Execute
+    figures = compute_figures(
+        "agent", attempted=attempted, confirmed=confirmed, audit_records=audit, identify_by="seq", agent_kills=2
+    )
+
+    # Assert
+    assert (figures.attempted, figures.confirmed, figures.applied) == (4, 2, 3)
+    assert (figures.lost, figures.applied_twice, figures.rejected) == (0, 0, 0)
+    assert (figures.unconfirmed_at_kill, figures.unconfirmed_applied) == (1, 1)
+    assert figures.seq_reused == 1
+    assert figures.agent_kills == 2
+
+
+def test_a_restore_undoes_updates_without_losing_them_and_queued_ones_are_not_lost() -> None:
+    # Prepare: a1 was in the backup (kept), a2 applied after the backup (undone by the restore, absent from the
+    # restored audit log), a3 rejected after the restore, a4 still queued after the run ended, a5 simply missing
+    confirmed = {"hospital-a": ["a1", "a2", "a3", "a4", "a5"]}
+    audit = [record("a1", "accepted"), record("a3", "rejected", reason="malformed")]
+
+    # Execute
+    figures = compute_figures(
+        "restore",
+        attempted=confirmed,
+        confirmed=confirmed,
+        audit_records=audit,
+        undone=["a2"],
+        kept=["a1"],
+        queued=["a4"],
+    )
+
+    # Assert
+    assert (figures.kept_by_restore, figures.undone_by_restore, figures.queued_after_end) == (1, 1, 1)
+    assert figures.rejected == 1 and figures.rejected_reasons == {"malformed": 1}
+    assert figures.lost == 1 and figures.lost_ids == ("a5",)
+
+
+def test_identify_by_takes_only_update_id_or_seq() -> None:
+    with pytest.raises(ValueError, match="identify_by"):
+        compute_figures("x", attempted={}, confirmed={}, audit_records=[], identify_by="hash")
