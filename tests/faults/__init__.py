@@ -1,5 +1,9 @@
 """The fault campaign (issue 12): real coordinator processes, scripted sites, real faults, figures from the audit log.
 
+Two cases run real site agents (``fedmq site run``, signing end to end) instead of scripted sites: one SIGKILLs an
+agent mid-publish, one restores the coordinator from an older backup while the agents run. Their ids are
+``"<site>:<seq>"``, from the agent's own log ("update seq N on vM sent", after the confirm) and seq counter.
+
 Layout:
 
 ``figures.py``   ``CampaignFigures`` and ``compute_figures`` (pure; unit-tested in tests/unit/test_campaign_figures.py)

@@ -435,7 +435,16 @@ def coordinator_restore(env: BrokerEnv, workdir: Path, settings: CampaignSetting
         processes.stop_all()
     kept = _resolved_ids(read_audit(backup_dir / "audit.jsonl"))
     undone = _resolved_ids(before_restore) - kept
-    queued = _queued_updates(env, RESTORED_SITES)
+    # only what was sent after the run's last handled update counts as queued after the end; one stuck behind is lost
+    last_resolved: dict[str, int] = {}
+    for update_id in _resolved_ids(read_audit(audit)):
+        site, seq = update_id.rsplit(":", 1)
+        last_resolved[site] = max(last_resolved.get(site, 0), int(seq))
+    queued = [
+        update_id
+        for update_id in _queued_updates(env, RESTORED_SITES)
+        if int(update_id.rsplit(":", 1)[1]) > last_resolved.get(update_id.rsplit(":", 1)[0], 0)
+    ]
     return compute_figures(
         "coordinator-restore",
         attempted={site: _agent_attempted(path, site) for site, path in site_configs.items()},

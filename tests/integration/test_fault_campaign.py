@@ -2,9 +2,11 @@
 
 Each test asserts what a hospital's operator would check afterwards: every update the broker confirmed to a site
 was applied (lost == 0), none twice, none wrongly rejected, the run's own count agrees and the audit chain
-verifies. The suite runs the short campaign (~4 min together); ``FEDMQ_CAMPAIGN=full`` runs the long one
-(30 s cuts, 20 s alarm, 40 s storage faults, the systemd unit's 10 s restart delay). The cases themselves live in
-tests/faults/cases.py so a benchmark runs the same code.
+verifies. The two cases with real site agents count apart what is the site's own loss (an update it finished but
+had not had confirmed when killed: it trains again) and what a restore to an older backup took back on purpose
+(updates applied after the backup). The suite runs the short campaign (~5 min together); ``FEDMQ_CAMPAIGN=full``
+runs the long one (30 s cuts, 20 s alarm, 40 s storage faults, the systemd unit's 10 s restart delay). The cases
+themselves live in tests/faults/cases.py so a benchmark runs the same code.
 
 Before the durable commit protocol, three cases lost confirmed updates (crash loop: 100 dead-lettered by the
 update queue's delivery limit; checkpoint read-only: 44-64 acked but not durable; state dir full: 16 lost and the
