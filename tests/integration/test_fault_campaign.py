@@ -37,6 +37,7 @@ from tests.faults.cases import (
 from tests.faults.figures import CampaignFigures
 from tests.faults.tools import MountUnavailable
 from tests.integration.conftest import BrokerEnv
+from tests.integration.federation_helpers import read_audit
 
 SETTINGS = CampaignSettings.from_name(os.environ.get(CAMPAIGN_ENV))
 
@@ -137,6 +138,8 @@ def test_site_agent_killed_mid_publish_loses_no_confirmed_update_and_never_reuse
     assert figures.applied_twice == 0, figures.summary()
     assert figures.seq_reused == 0, figures.summary()  # a restarted agent never reuses a seq ...
     assert figures.rejected == 0, figures.summary()  # ... so nothing is refused as a duplicate
+    records = read_audit(tmp_path / "coordinator" / "audit.jsonl")
+    assert [record for record in records if record.get("reason") == "duplicate"] == [], figures.summary()
     assert figures.attempted == figures.confirmed + figures.unconfirmed_at_kill + figures.unconfirmed_applied, (
         figures.summary()
     )
@@ -158,5 +161,9 @@ def test_coordinator_restored_from_an_older_backup_accounts_for_every_update(
     assert figures.applied_twice == 0, figures.summary()
     assert figures.seq_reused == 0, figures.summary()
     assert "unknown" not in figures.rejected_reasons, figures.summary()
+    # ... and every rejection is of an update based on a version the restored coordinator never had
+    records = read_audit(tmp_path / "coordinator" / "audit.jsonl")
+    rejected = [record for record in records if record.get("kind") == "update" and record["outcome"] == "rejected"]
+    assert all(record["base_version"] > record["model_version"] for record in rejected), rejected
     assert figures.checkpoint_accepted == figures.applied, figures.summary()
     assert figures.chain_ok, figures.summary()
