@@ -67,10 +67,11 @@ from broker.transport import Delivery
 from coordinator.aggregation import Contribution, FedBuff
 from coordinator.audit import AuditLog
 from coordinator.checkpoint import CheckpointStore, write_file_durably
-from coordinator.config import CoordinatorConfig, FedBuffSettings, ValidationSettings
+from coordinator.config import CoordinatorConfig, ValidationSettings
 from coordinator.evaluation import EvaluationBook
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import Coordinator
+from coordinator.strategy_config import FedBuffSettings
 from coordinator.validation import DuplicateFilter, ValidUpdate, validate_update
 from schemas import DecodeLimits, ModelFingerprint, ModelUpdate
 from schemas.tensors import raw_view

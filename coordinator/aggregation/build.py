@@ -18,7 +18,7 @@ from coordinator.aggregation.robust import AdaptiveClip, AnomalyTracker, UpdateS
 from coordinator.aggregation.server_optimizer import ServerOptimizer
 from coordinator.aggregation.staleness import staleness_function
 from coordinator.aggregation.sync_fedavg import SyncFedAvg
-from coordinator.config import (
+from coordinator.strategy_config import (
     FedAsyncSettings,
     FedBuffSettings,
     RobustSettings,

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from coordinator.aggregation.base import Contribution, Strategy
-from coordinator.aggregation.robust import AGGREGATORS, UpdateScreen, agreeing_mean, robust_mean, scaled
+from coordinator.aggregation.robust import UpdateScreen
+from coordinator.aggregation.robust_math import AGGREGATORS, agreeing_mean, robust_mean, scaled
 from coordinator.aggregation.server_optimizer import ServerOptimizer
 from coordinator.aggregation.staleness import StalenessFunction
 from coordinator.aggregation.tensor_math import (

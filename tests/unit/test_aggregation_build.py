@@ -8,10 +8,10 @@ import pytest
 
 from coordinator.aggregation import FedAsync, FedBuff, ServerOptimizer, SyncFedAvg, staleness_function
 from coordinator.aggregation.build import build_strategy, server_optimizer
-from coordinator.config import (
+from coordinator.config import CoordinatorConfig, config_from_dict
+from coordinator.strategy_config import (
     AdagradOptimizer,
     AdamOptimizer,
-    CoordinatorConfig,
     HingeStaleness,
     MomentumOptimizer,
     PolynomialStaleness,
@@ -19,7 +19,6 @@ from coordinator.config import (
     SgdOptimizer,
     Staleness,
     YogiOptimizer,
-    config_from_dict,
 )
 
 

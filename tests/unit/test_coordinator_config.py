@@ -11,18 +11,16 @@ from pathlib import Path
 import pytest
 
 from coordinator.config import (
-    AdamOptimizer,
     BrokerSettings,
     ConfigError,
     CoordinatorConfig,
-    FedBuffSettings,
-    HingeStaleness,
     StoppingSettings,
     as_dict,
     config_from_dict,
     load_config,
     with_changes,
 )
+from coordinator.strategy_config import AdamOptimizer, FedBuffSettings, HingeStaleness
 from schemas import TrainingConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -10,10 +10,8 @@ import torch
 
 from coordinator.aggregation import Contribution, FedAsync, FedBuff, ServerOptimizer, StalenessFunction
 from coordinator.aggregation.build import build_strategy
-from coordinator.aggregation.robust import (
-    AdaptiveClip,
-    AnomalyTracker,
-    UpdateScreen,
+from coordinator.aggregation.robust import AdaptiveClip, AnomalyTracker, UpdateScreen
+from coordinator.aggregation.robust_math import (
     agreeing_mean,
     coordinate_median,
     cosine_similarity,
