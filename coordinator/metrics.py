@@ -33,12 +33,12 @@
 | fedmq_status_rejected_total | counter | site, kind, reason | heartbeats (kind status) and evaluations (eval) refused |
 | fedmq_coordinator_info | gauge | strategy, task, version | always 1 |
 
-Rejection reasons: unknown-site, identity-mismatch, oversized, malformed, wrong-shape, non-finite,
-norm-too-large, stale, duplicate, too-many-examples (checked by the coordinator); site-share, wrong-round,
-already-in-round, no-examples, anomalous (refused by the strategy); out-of-range, unknown-version, too-many-examples
-(evaluation reports, which can also be unknown-site, identity-mismatch, oversized, malformed, non-finite);
-internal-error (an unexpected exception while handling the update: a bug in the coordinator, the update is
-dead-lettered and the log holds the traceback).
+Rejection reasons: unknown-site, identity-mismatch, bad-signature, oversized, malformed, wrong-shape, non-finite,
+norm-too-large, stale, duplicate, too-many-examples, unknown-version (checked by the coordinator); site-share,
+wrong-round, already-in-round, no-examples, anomalous (refused by the strategy); out-of-range, unknown-version,
+too-many-examples (evaluation reports, which can also be unknown-site, identity-mismatch, oversized, malformed,
+non-finite); internal-error (an unexpected exception while handling the update: a bug in the coordinator, the
+update is dead-lettered and the log holds the traceback).
 """
 
 from __future__ import annotations

@@ -30,9 +30,10 @@ class Reason(str, Enum):
     ALREADY_IN_ROUND = "already-in-round"
     NO_EXAMPLES = "no-examples"
     ANOMALOUS = "anomalous"  # points against the recent updates ([strategy.robust] min_anomaly_score)
+    # a version the coordinator never made: an update's base_version, an evaluation report's model_version
+    UNKNOWN_VERSION = "unknown-version"
     # checked on evaluation reports (coordinator.status); unknown-site, identity-mismatch, oversized, malformed and
     # non-finite apply to status messages too
     OUT_OF_RANGE = "out-of-range"
-    UNKNOWN_VERSION = "unknown-version"
     # an unexpected exception while handling the update (the handler's guard): a bug, not the site's doing
     INTERNAL_ERROR = "internal-error"

@@ -234,9 +234,9 @@ def validate_update(
     duplicate = duplicates.is_duplicate(update)
     if duplicate:
         return Rejection(Reason.DUPLICATE, duplicate, site_label, update)
-    if update.base_version > version:
+    if update.base_version > version:  # e.g. trained on a model of a coordinator since restored from a backup
         return Rejection(
-            Reason.MALFORMED,
+            Reason.UNKNOWN_VERSION,
             f"base_version {update.base_version} is newer than the current {version}",
             site_label,
             update,

@@ -381,7 +381,7 @@ REJECTION_CASES = [
     RejectionCase("oversized", "oversized", "a", _oversized),
     RejectionCase("garbage bytes", "malformed", "a", _garbage),
     RejectionCase("wrong message type", "malformed", "a", _heartbeat_on_the_update_queue),
-    RejectionCase("base version from the future", "malformed", "a", _base_version_from_the_future),
+    RejectionCase("base version from the future", "unknown-version", "a", _base_version_from_the_future),
     RejectionCase("missing tensor", "wrong-shape", "a", _missing_tensor),
     RejectionCase("extra tensor", "wrong-shape", "a", _extra_tensor),
     RejectionCase("wrong shape", "wrong-shape", "a", _wrong_shape),
