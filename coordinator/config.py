@@ -65,7 +65,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from coordinator.errors import ConfigError
 from coordinator.strategy_config import FedBuffSettings, StrategySettings
 from schemas import TrainingConfig
-from schemas.config_files import BrokerTable, ConfigTable, dataclass_table, describe, read_toml
+from schemas.config_files import BrokerTable, ConfigTable, dataclass_table, describe, read_toml, relative_to_config
 
 
 class BrokerSettings(BrokerTable):
@@ -179,11 +179,7 @@ class SigningSettings(ConfigTable):
     @field_validator("keys_dir", "key_file")
     @classmethod
     def _relative_to_the_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        base_dir = (info.context or {}).get("base_dir")
-        value = value.expanduser()
-        return value if value.is_absolute() or base_dir is None else base_dir / value
+        return None if value is None else relative_to_config(value, info)
 
 
 class CoordinatorConfig(ConfigTable):
@@ -235,9 +231,7 @@ class CoordinatorConfig(ConfigTable):
     @field_validator("state_dir")
     @classmethod
     def _relative_to_the_file(cls, value: Path, info: ValidationInfo) -> Path:
-        base_dir = (info.context or {}).get("base_dir")
-        value = value.expanduser()
-        return value if value.is_absolute() or base_dir is None else base_dir / value
+        return relative_to_config(value, info)
 
     @field_validator("sites")
     @classmethod

@@ -46,6 +46,19 @@ class ConfigTable(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+def config_dir(info: ValidationInfo) -> Path | None:
+    """The folder of the file being validated (the loaders pass it as ``base_dir`` context), if any."""
+    base_dir = (info.context or {}).get("base_dir")
+    return base_dir if isinstance(base_dir, Path) else None
+
+
+def relative_to_config(path: Path, info: ValidationInfo) -> Path:
+    """``path`` with ``~`` expanded, taken relative to the config file's folder unless it is absolute."""
+    path = path.expanduser()
+    base_dir = config_dir(info)
+    return path if path.is_absolute() or base_dir is None else base_dir / path
+
+
 class BrokerTable(ConfigTable):
     """``[broker]`` of either file: the URL (declared by each file, with its own default) and the TLS files, whose
     relative paths are relative to the config file (the loader passes its folder as ``base_dir`` context)."""
@@ -58,8 +71,8 @@ class BrokerTable(ConfigTable):
     @field_validator("ca_file", "cert_file", "key_file")
     @classmethod
     def _relative_to_the_file(cls, value: str | None, info: ValidationInfo) -> str | None:
-        base_dir = (info.context or {}).get("base_dir")
-        return str((base_dir / value).resolve()) if value and isinstance(base_dir, Path) else value
+        base_dir = config_dir(info)
+        return str((base_dir / value).resolve()) if value and base_dir is not None else value
 
 
 def read_toml(path: Path, error: type[Exception]) -> dict[str, Any]:

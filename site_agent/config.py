@@ -40,16 +40,11 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from broker.keys import KeyFileError, parse_public_key
-from schemas.config_files import BrokerTable, ConfigTable, describe, read_toml
+from schemas.config_files import BrokerTable, ConfigTable, config_dir, describe, read_toml
 
 
 class SiteConfigError(ValueError):
     """A site config that cannot be used; the message (one line) names the file and the key."""
-
-
-def _base_dir(info: ValidationInfo) -> Path | None:
-    base_dir = (info.context or {}).get("base_dir")
-    return base_dir if isinstance(base_dir, Path) else None
 
 
 class SiteBrokerSettings(BrokerTable):
@@ -96,7 +91,7 @@ class AgentSettings(ConfigTable):
     @field_validator("state_dir")
     @classmethod
     def _relative_to_the_file(cls, value: str, info: ValidationInfo) -> str:
-        base_dir = _base_dir(info)
+        base_dir = config_dir(info)
         if base_dir is None:
             return value
         state_dir = Path(value).expanduser() if value else base_dir
@@ -133,7 +128,7 @@ class SiteSigningSettings(ConfigTable):
     @field_validator("key_file")
     @classmethod
     def _relative_to_the_file(cls, value: str, info: ValidationInfo) -> str:
-        base_dir = _base_dir(info)
+        base_dir = config_dir(info)
         if not value or base_dir is None:
             return value
         path = Path(value).expanduser()
@@ -171,7 +166,7 @@ class SiteConfig(ConfigTable):
         name = value.get("name", "heart-disease")
         if not isinstance(name, str) or not name:
             raise ValueError("name: must be a task name (a non-empty string)")
-        base_dir = _base_dir(info)
+        base_dir = config_dir(info)
         if "data_dir" in value and base_dir is not None:
             if not isinstance(value["data_dir"], str):
                 raise ValueError("data_dir: must be a path (a string)")
