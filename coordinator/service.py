@@ -23,7 +23,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from broker.topology import BROADCAST_SITE, Exchange, Kind, Queue, routing_key, site_update_queues
+from broker.topology import (
+    BROADCAST_SITE,
+    SITE_UPDATE_QUEUE_LENGTH,
+    Exchange,
+    Kind,
+    Queue,
+    routing_key,
+    site_update_queues,
+)
 from broker.transport import Delivery, PublishRefused, Transport
 from coordinator.aggregation import Params, Strategy
 from coordinator.audit import AuditLog
@@ -58,6 +66,14 @@ def delivery_count(delivery: Delivery) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return 1 if delivery.redelivered else 0
+
+
+def update_window(update_prefetch: int, sites: int) -> int:
+    """How many unacked updates the broker can hand the coordinator at once: each site's share of the prefetch,
+    but never more than its bounded queue holds. The group commit's "window full" trigger must use this, not
+    ``update_prefetch``: a window the broker can never fill makes every batch wait for the commit timer."""
+    per_site = min(update_prefetch_per_site(update_prefetch, sites), SITE_UPDATE_QUEUE_LENGTH)
+    return max(1, min(update_prefetch, per_site * max(1, sites)))
 
 
 def update_prefetch_per_site(update_prefetch: int, sites: int) -> int:
@@ -122,7 +138,7 @@ class Coordinator:
             metrics=metrics,
             transport=self._transport,
             publish_model=self.publish_model,
-            batch_size=config.update_prefetch,
+            batch_size=update_window(config.update_prefetch, len(known_sites)),
             space=self.space,
             monotonic=monotonic,
         )
